@@ -1,0 +1,1 @@
+"""The outside of Graft: the CLI (``graft``) and, later, the REST API."""

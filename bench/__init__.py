@@ -1,0 +1,1 @@
+"""Benchmarks and the synthetic adapters they (and the demo and tests) share."""

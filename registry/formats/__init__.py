@@ -1,0 +1,1 @@
+"""Adapter file formats: reading and validating what users upload, without torch."""

@@ -1,0 +1,1 @@
+"""Use cases over the registry. Services flush but never commit: the caller's session scope does."""

@@ -1,0 +1,1 @@
+"""Everything that turns an expression into a new adapter: compiler, engine, pipeline, tasks."""

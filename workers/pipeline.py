@@ -1,0 +1,91 @@
+"""Glue between the stages: a queued job → executed plan → stored artifact → recorded version.
+
+Used by the Celery task and by the CLI's embedded mode alike. Each database step is its own short
+transaction (``session_scope``); the engine runs between them with no transaction open. A failure
+records the job as failed and leaves no version and no stray files behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry import repositories as repo
+from registry.artifacts import ArtifactStore
+from registry.db import session_scope
+from registry.errors import GraftError, MergeFailed
+from registry.formats.peft import inspect_peft_folder
+from registry.services import merges
+from workers.compiler.plan import MergePlan
+from workers.engine.executor import Cancelled, Progress, execute_plan
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job_id: str
+    version_id: int
+    engine_seconds: float
+    reused: bool
+
+
+def run_merge_job(
+    job_id: str,
+    *,
+    session_factory: sessionmaker[Session],
+    store: ArtifactStore,
+    device: torch.device | None = None,
+    progress: Progress | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> JobOutcome:
+    """Run a queued merge job to completion. Idempotent: a job that already succeeded returns its result."""
+    with session_scope(session_factory) as session:
+        job = merges.start_attempt(session, job_id)
+        if job.status == "succeeded" and job.result_version_id is not None:
+            return JobOutcome(job_id, job.result_version_id, job.engine_seconds or 0.0, reused=True)
+        if job.status != "running":
+            raise MergeFailed(f"job {job_id} is {job.status}; it cannot run again")
+        plan = MergePlan.model_validate(job.plan)
+        versions = repo.get_versions_by_ids(session, [op.version_id for op in plan.operands])
+        paths = [store.path(versions[op.version_id].artifact_key) for op in plan.operands]
+
+    scratch = store.scratch_dir()
+    created_key: str | None = None
+    try:
+        report = execute_plan(
+            plan, paths, scratch / "out", device=device, progress=progress, should_cancel=should_cancel
+        )
+        facts = inspect_peft_folder(scratch / "out")
+        sha, key, created = store.put_file(report.weights_path)
+        created_key = key if created else None
+        with session_scope(session_factory) as session:
+            job = merges.record_result(
+                session, job_id, facts, sha256=sha, artifact_key=key, engine_seconds=report.seconds
+            )
+            version_id = job.result_version_id
+        assert version_id is not None
+        return JobOutcome(job_id, version_id, report.seconds, reused=False)
+    except BaseException as exc:
+        _record_failure(session_factory, store, job_id, exc, created_key)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _record_failure(
+    session_factory: sessionmaker[Session], store: ArtifactStore, job_id: str, exc: BaseException, created_key: str | None
+) -> None:
+    code = exc.code if isinstance(exc, GraftError) else type(exc).__name__
+    message = exc.message if isinstance(exc, GraftError) else str(exc) or type(exc).__name__
+    with session_scope(session_factory) as session:
+        if isinstance(exc, Cancelled):
+            job = merges.load_job(session, job_id)
+            job.status = "cancelled"
+        else:
+            merges.record_failure(session, job_id, code, message)
+        # A blob this attempt stored, that no version refers to, goes away with the failed attempt.
+        if created_key is not None and repo.count_versions_with_key(session, created_key) == 0:
+            store.remove(created_key)
