@@ -79,7 +79,9 @@ def _tags(value: str | None) -> list[str]:
 
 @app.command()
 def register(
-    path: Annotated[Path, typer.Argument(help="A PEFT adapter folder (adapter_config.json + adapter_model.safetensors).")],
+    path: Annotated[
+        Path, typer.Argument(help="A PEFT adapter folder (adapter_config.json + adapter_model.safetensors).")
+    ],
     name: Annotated[str, typer.Option("--name", "-n", help="Adapter name; registering again adds a version.")],
     tags: Annotated[str | None, typer.Option("--tags", help="Comma-separated task tags, e.g. code,python.")] = None,
     description: Annotated[str, typer.Option("--description", help="What the adapter is for.")] = "",
@@ -99,8 +101,10 @@ def register(
             _print_json({**info, "created": result.created})
         else:
             verb = "registered" if result.created else "already registered (identical content)"
-            out.print(f"{verb} [bold]{info['ref']}[/]  rank {info['rank']}, {info['modules']} modules, "
-                      f"base {info['base_model']}, sha256 {info['sha256'][:12]}")
+            out.print(
+                f"{verb} [bold]{info['ref']}[/]  rank {info['rank']}, {info['modules']} modules, "
+                f"base {info['base_model']}, sha256 {info['sha256'][:12]}"
+            )
 
     _guard(body)
 
@@ -114,15 +118,23 @@ def list_adapters(as_json: JsonFlag = False) -> None:
         with _session(runtime) as session:
             rows = [
                 {**describe_version(a.versions[-1]), "versions": len(a.versions)}
-                for a in repo.list_adapters(session) if a.versions
+                for a in repo.list_adapters(session)
+                if a.versions
             ]
         if as_json:
             _print_json(rows)
             return
         table = Table("adapter", "latest", "versions", "base model", "rank", "source", "tags")
         for row in rows:
-            table.add_row(row["adapter"], f"@{row['version']}", str(row["versions"]), row["base_model"],
-                          str(row["rank"]), row["source"], ",".join(row["tags"]))
+            table.add_row(
+                row["adapter"],
+                f"@{row['version']}",
+                str(row["versions"]),
+                row["base_model"],
+                str(row["rank"]),
+                row["source"],
+                ",".join(row["tags"]),
+            )
         out.print(table if rows else "no adapters yet; add one with `graft register PATH --name NAME`")
 
     _guard(body)
@@ -146,7 +158,9 @@ def show(ref: Annotated[str, typer.Argument(help="NAME or NAME@V.")], as_json: J
 
 
 @app.command()
-def plan(expression: Annotated[str, typer.Argument(help='e.g. "base + code - toxic"')], as_json: JsonFlag = False) -> None:
+def plan(
+    expression: Annotated[str, typer.Argument(help='e.g. "base + code - toxic"')], as_json: JsonFlag = False
+) -> None:
     """Compile an expression and show the plan, without running it (a dry run)."""
 
     def body() -> None:
@@ -177,7 +191,6 @@ def merge(
     as_json: JsonFlag = False,
 ) -> None:
     """Compile and run a merge in-process, and record the result as a new version with lineage."""
-    from workers.engine.executor import pick_device
     from workers.pipeline import run_merge_job
 
     def body() -> None:
@@ -190,26 +203,40 @@ def merge(
         for warning in compiled.warnings:
             err.print(f"[yellow]warning:[/] {warning}")
         quiet = as_json or not sys.stderr.isatty()
-        with Progress(TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, disable=quiet) as bar:
+        with Progress(
+            TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, disable=quiet
+        ) as bar:
             task = bar.add_task("merge", total=len(compiled.steps))
             outcome = run_merge_job(
-                job_id, session_factory=runtime.sessions, store=runtime.store,
-                device=pick_device(device), progress=lambda done, _total: bar.update(task, completed=done),
+                job_id,
+                session_factory=runtime.sessions,
+                store=runtime.store,
+                device=device,
+                progress=lambda done, _total: bar.update(task, completed=done),
             )
         with _session(runtime) as session:
             info = describe_version(repo.get_versions_by_ids(session, [outcome.version_id])[outcome.version_id])
         total = time.perf_counter() - started
         if as_json:
-            _print_json({
-                "version": info, "job_id": job_id, "plan_hash": compiled.hash(), "warnings": list(compiled.warnings),
-                "timings": {"compile_seconds": compile_seconds, "engine_seconds": outcome.engine_seconds,
-                            "total_seconds": total},
-            })
+            _print_json(
+                {
+                    "version": info,
+                    "job_id": job_id,
+                    "plan_hash": compiled.hash(),
+                    "warnings": list(compiled.warnings),
+                    "timings": {
+                        "compile_seconds": compile_seconds,
+                        "engine_seconds": outcome.engine_seconds,
+                        "total_seconds": total,
+                    },
+                }
+            )
         else:
-            out.print(f"merged [bold]{info['ref']}[/] = {compiled.normalized}  "
-                      f"(rank {info['rank']}, {info['modules']} modules, engine {outcome.engine_seconds:.3f}s)",
-                      highlight=False)
+            out.print(
+                f"merged [bold]{info['ref']}[/] = {compiled.normalized}  "
+                f"(rank {info['rank']}, {info['modules']} modules, engine {outcome.engine_seconds:.3f}s)",
+                highlight=False,
+            )
 
     _guard(body)
 

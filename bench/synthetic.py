@@ -30,8 +30,12 @@ class LlamaShape:
         """PEFT module name → (out_features, in_features)."""
         h, i, kv = self.hidden, self.intermediate, self.kv_dim
         shapes = {
-            "q_proj": ("self_attn", h, h), "k_proj": ("self_attn", kv, h), "v_proj": ("self_attn", kv, h),
-            "o_proj": ("self_attn", h, h), "gate_proj": ("mlp", i, h), "up_proj": ("mlp", i, h),
+            "q_proj": ("self_attn", h, h),
+            "k_proj": ("self_attn", kv, h),
+            "v_proj": ("self_attn", kv, h),
+            "o_proj": ("self_attn", h, h),
+            "gate_proj": ("mlp", i, h),
+            "up_proj": ("mlp", i, h),
             "down_proj": ("mlp", h, i),
         }
         result = {}

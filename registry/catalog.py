@@ -30,9 +30,7 @@ class CatalogEntry:
     @classmethod
     def from_version(cls, version: AdapterVersion) -> CatalogEntry:
         config = version.peft_config
-        variants = tuple(
-            name for name, flag in (("dora", "use_dora"), ("lora_bias", "lora_bias")) if config.get(flag)
-        )
+        variants = tuple(name for name, flag in (("dora", "use_dora"), ("lora_bias", "lora_bias")) if config.get(flag))
         task_type = config.get("task_type")
         return cls(
             adapter=version.adapter.name,

@@ -61,9 +61,7 @@ class Adapter(Base):
     tags: Mapped[list[str]] = mapped_column(JsonType, default=list)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
-    versions: Mapped[list[AdapterVersion]] = relationship(
-        back_populates="adapter", order_by="AdapterVersion.number"
-    )
+    versions: Mapped[list[AdapterVersion]] = relationship(back_populates="adapter", order_by="AdapterVersion.number")
 
 
 class AdapterVersion(Base):
@@ -110,9 +108,7 @@ class LineageEdge(Base):
     """``child`` was made from ``parent``, with this coefficient, role and strategy."""
 
     __tablename__ = "lineage_edges"
-    __table_args__ = (
-        UniqueConstraint("child_id", "parent_id", "role", name="uq_lineage_edges_child_parent_role"),
-    )
+    __table_args__ = (UniqueConstraint("child_id", "parent_id", "role", name="uq_lineage_edges_child_parent_role"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     child_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id", ondelete="CASCADE"), index=True)
@@ -140,9 +136,7 @@ class MergeJob(Base):
     error_code: Mapped[str | None] = mapped_column(String(60), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     engine_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
-    result_version_id: Mapped[int | None] = mapped_column(
-        ForeignKey("adapter_versions.id"), nullable=True, index=True
-    )
+    result_version_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"), nullable=True, index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()

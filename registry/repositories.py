@@ -35,18 +35,13 @@ def get_or_create_base_model(session: Session, name: str) -> BaseModel:
 
 def version_numbers(session: Session, adapter_name: str) -> list[int]:
     query = (
-        select(AdapterVersion.number)
-        .join(Adapter)
-        .where(Adapter.name == adapter_name)
-        .order_by(AdapterVersion.number)
+        select(AdapterVersion.number).join(Adapter).where(Adapter.name == adapter_name).order_by(AdapterVersion.number)
     )
     return list(session.scalars(query))
 
 
 def next_version_number(session: Session, adapter_id: int) -> int:
-    current = session.scalar(
-        select(func.max(AdapterVersion.number)).where(AdapterVersion.adapter_id == adapter_id)
-    )
+    current = session.scalar(select(func.max(AdapterVersion.number)).where(AdapterVersion.adapter_id == adapter_id))
     return (current or 0) + 1
 
 
@@ -95,21 +90,32 @@ def walk_lineage(session: Session, version_id: int, direction: str, max_depth: i
     edge = LineageEdge.__table__.alias("e")
     near, far = (edge.c.child_id, edge.c.parent_id) if direction == "up" else (edge.c.parent_id, edge.c.child_id)
     seed = select(
-        edge.c.child_id, edge.c.parent_id, edge.c.coefficient, edge.c.role, edge.c.strategy,
-        literal(1).label("depth"), far.label("frontier"),
+        edge.c.child_id,
+        edge.c.parent_id,
+        edge.c.coefficient,
+        edge.c.role,
+        edge.c.strategy,
+        literal(1).label("depth"),
+        far.label("frontier"),
     ).where(near == version_id)
     walk = seed.cte("walk", recursive=True)
     step = LineageEdge.__table__.alias("s")
     s_near, s_far = (step.c.child_id, step.c.parent_id) if direction == "up" else (step.c.parent_id, step.c.child_id)
     walk = walk.union(
         select(
-            step.c.child_id, step.c.parent_id, step.c.coefficient, step.c.role, step.c.strategy,
-            (walk.c.depth + 1).label("depth"), s_far.label("frontier"),
+            step.c.child_id,
+            step.c.parent_id,
+            step.c.coefficient,
+            step.c.role,
+            step.c.strategy,
+            (walk.c.depth + 1).label("depth"),
+            s_far.label("frontier"),
         ).where(s_near == walk.c.frontier, walk.c.depth < max_depth)
     )
     rows = session.execute(
-        select(walk.c.child_id, walk.c.parent_id, walk.c.coefficient, walk.c.role, walk.c.strategy, walk.c.depth)
-        .order_by(walk.c.depth, walk.c.child_id, walk.c.parent_id)
+        select(
+            walk.c.child_id, walk.c.parent_id, walk.c.coefficient, walk.c.role, walk.c.strategy, walk.c.depth
+        ).order_by(walk.c.depth, walk.c.child_id, walk.c.parent_id)
     )
     seen: dict[tuple[int, int, str], EdgeRow] = {}
     for child_id, parent_id, coefficient, role, strategy, depth in rows:

@@ -37,9 +37,7 @@ class Settings(BaseSettings):
         if value is None or value == "":
             return None
         if "://" not in value:
-            raise ValueError(
-                "must be a SQLAlchemy URL such as postgresql+psycopg://user@host/db or sqlite:///path.db"
-            )
+            raise ValueError("must be a SQLAlchemy URL such as postgresql+psycopg://user@host/db or sqlite:///path.db")
         return value
 
     @property

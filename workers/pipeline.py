@@ -11,7 +11,6 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry import repositories as repo
@@ -21,7 +20,7 @@ from registry.errors import GraftError, MergeFailed
 from registry.formats.peft import inspect_peft_folder
 from registry.services import merges
 from workers.compiler.plan import MergePlan
-from workers.engine.executor import Cancelled, Progress, execute_plan
+from workers.engine.executor import Cancelled, Progress, execute_plan, pick_device
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ def run_merge_job(
     *,
     session_factory: sessionmaker[Session],
     store: ArtifactStore,
-    device: torch.device | None = None,
+    device: str | None = None,
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> JobOutcome:
@@ -56,7 +55,7 @@ def run_merge_job(
     created_key: str | None = None
     try:
         report = execute_plan(
-            plan, paths, scratch / "out", device=device, progress=progress, should_cancel=should_cancel
+            plan, paths, scratch / "out", device=pick_device(device), progress=progress, should_cancel=should_cancel
         )
         facts = inspect_peft_folder(scratch / "out")
         sha, key, created = store.put_file(report.weights_path)
@@ -76,7 +75,11 @@ def run_merge_job(
 
 
 def _record_failure(
-    session_factory: sessionmaker[Session], store: ArtifactStore, job_id: str, exc: BaseException, created_key: str | None
+    session_factory: sessionmaker[Session],
+    store: ArtifactStore,
+    job_id: str,
+    exc: BaseException,
+    created_key: str | None,
 ) -> None:
     code = exc.code if isinstance(exc, GraftError) else type(exc).__name__
     message = exc.message if isinstance(exc, GraftError) else str(exc) or type(exc).__name__

@@ -114,7 +114,7 @@ def _find_weights(folder: Path) -> Path:
         if (folder / pickle_name).is_file():
             raise InvalidAdapter(
                 f"{pickle_name} is a pickle file, which can run code when loaded, so Graft refuses it; convert it "
-                f"with: python -c \"import torch; from safetensors.torch import save_file; "
+                f'with: python -c "import torch; from safetensors.torch import save_file; '
                 f"save_file(torch.load('{pickle_name}', weights_only=True), '{WEIGHTS_FILE}')\""
             )
     raise InvalidAdapter(f"{folder} has no {WEIGHTS_FILE}")
@@ -124,13 +124,11 @@ def _check_config(config: dict[str, Any], base_model_override: str | None) -> tu
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise InvalidAdapter(
-            f"unknown peft_type {peft_type!r} in {CONFIG_FILE}; Graft registers LoRA adapters (peft_type \"LORA\")"
+            f'unknown peft_type {peft_type!r} in {CONFIG_FILE}; Graft registers LoRA adapters (peft_type "LORA")'
         )
     base_model = base_model_override or config.get("base_model_name_or_path")
     if not isinstance(base_model, str) or not base_model.strip():
-        raise InvalidAdapter(
-            f"no base model named: set base_model_name_or_path in {CONFIG_FILE} or pass --base-model"
-        )
+        raise InvalidAdapter(f"no base model named: set base_model_name_or_path in {CONFIG_FILE} or pass --base-model")
     use_rslora = bool(config.get("use_rslora", False))
     return base_model.strip(), use_rslora
 
@@ -147,7 +145,9 @@ def _collect_factors(header: SafetensorsHeader) -> tuple[dict[str, dict[str, tup
         elif name.endswith(_VARIANT_SUFFIXES):
             variants.add("dora" if "magnitude" in name else "lora_bias")
         elif "lora_embedding_" in name:
-            raise InvalidAdapter(f"tensor {name!r} is a LoRA embedding factor; embedding adapters are not supported yet")
+            raise InvalidAdapter(
+                f"tensor {name!r} is a LoRA embedding factor; embedding adapters are not supported yet"
+            )
         else:
             raise InvalidAdapter(
                 f"tensor {name!r} is not a LoRA factor (expected '<module>.lora_A.weight' / "

@@ -70,8 +70,14 @@ def record_result(
     plan = job.plan
     adapter = ensure_adapter(session, job.target_name, facts.base_model, job.tags, "")
     version = add_version(
-        session, adapter, facts, sha256=sha256, artifact_key=artifact_key, source="merge",
-        expression=job.expression, plan_hash=job.plan_hash,
+        session,
+        adapter,
+        facts,
+        sha256=sha256,
+        artifact_key=artifact_key,
+        source="merge",
+        expression=job.expression,
+        plan_hash=job.plan_hash,
     )
     strategy = str(plan.get("strategy", "linear"))
     for operand in plan["operands"]:

@@ -31,6 +31,7 @@ class OperandInfo(Protocol):
     def variants(self) -> Sequence[str]:
         """LoRA variants present (``dora``, ``lora_bias``); the compiler refuses them for now."""
         ...
+
     @property
     def modules(self) -> Mapping[str, Sequence[float]]:
         """Module name → ``[out_features, in_features, rank, scale]``."""

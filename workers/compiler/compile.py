@@ -213,8 +213,12 @@ def _compile(text: str, catalog: Catalog, max_rank: int) -> MergePlan:
         warnings.append("the expression cancels out: the result is an empty (all-zero) adapter")
     operands = tuple(
         PlannedOperand(
-            ref=_display(*key), adapter=key[0], version=key[1], version_id=infos[key].version_id,
-            sha256=infos[key].sha256, weight=weight,
+            ref=_display(*key),
+            adapter=key[0],
+            version=key[1],
+            version_id=infos[key].version_id,
+            sha256=infos[key].sha256,
+            weight=weight,
         )
         for key, weight in live
     )
@@ -238,8 +242,11 @@ def _compile(text: str, catalog: Catalog, max_rank: int) -> MergePlan:
     for module in sorted(shapes):
         out_f, in_f, _ = shapes[module]
         terms = tuple(
-            Term(operand=index_of[key], coefficient=weight * float(infos[key].modules[module][3]),
-                 rank=int(infos[key].modules[module][2]))
+            Term(
+                operand=index_of[key],
+                coefficient=weight * float(infos[key].modules[module][3]),
+                rank=int(infos[key].modules[module][2]),
+            )
             for key, weight in live
             if module in infos[key].modules
         )
@@ -247,14 +254,18 @@ def _compile(text: str, catalog: Catalog, max_rank: int) -> MergePlan:
         cap = None
         if rank > max_rank:
             cap, truncated = max_rank, truncated + 1
-        steps.append(ModuleStep(
-            module=module, out_features=out_f, in_features=in_f, terms=terms,
-            rank=max(1, min(rank, max_rank)), truncate_to=cap,
-        ))
-    if truncated:
-        warnings.append(
-            f"{truncated} module(s) exceed max_rank={max_rank}; they are truncated by SVD (not exact)"
+        steps.append(
+            ModuleStep(
+                module=module,
+                out_features=out_f,
+                in_features=in_f,
+                terms=terms,
+                rank=max(1, min(rank, max_rank)),
+                truncate_to=cap,
+            )
         )
+    if truncated:
+        warnings.append(f"{truncated} module(s) exceed max_rank={max_rank}; they are truncated by SVD (not exact)")
 
     dtypes = {info.dtype for info in infos.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in _FLOAT_DTYPES else "F32"

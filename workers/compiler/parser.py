@@ -4,8 +4,20 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import Any
 
-from lark import Lark, Token, Transformer, Tree, UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark import (
+    Lark,
+    Token,
+    Transformer,
+    Tree,
+    UnexpectedCharacters,
+    UnexpectedEOF,
+    UnexpectedInput,
+    UnexpectedToken,
+    v_args,
+)
+from lark.tree import Meta
 
 from workers.compiler import ast
 from workers.compiler.errors import CompileError, Span
@@ -58,7 +70,7 @@ class _ToAst(Transformer[Token, ast.Node]):
         if str(name_tok) == BASE_KEYWORD:
             if version is not None:
                 raise CompileError(
-                    "base_version", "`base` takes no version; pin the model with base(\"org/model\")", span
+                    "base_version", '`base` takes no version; pin the model with base("org/model")', span
                 )
             return ast.BaseModelRef(None, span)
         return ast.Ref(str(name_tok), version, span)
@@ -82,25 +94,21 @@ class _ToAst(Transformer[Token, ast.Node]):
     def pos(self, children: list[ast.Node]) -> ast.Node:
         return children[0]
 
-    def kwarg(self, children: list[object]) -> tuple[str, ast.Node, Span]:
-        name_tok = children[0]
-        assert isinstance(name_tok, Token)
-        value = children[1]
-        assert not isinstance(value, (Token, tuple))
+    def kwarg(self, children: list[Any]) -> tuple[str, ast.Node, Span]:
+        name_tok, value = children
         return (str(name_tok), value, _tok_span(name_tok))
 
-    def call(self, children: list[object]) -> ast.Node:
+    @v_args(meta=True)
+    def call(self, meta: Meta, children: list[Any]) -> ast.Node:
         name_tok = children[0]
-        assert isinstance(name_tok, Token)
-        args = [c for c in children[1:] if not isinstance(c, tuple)]
-        kwargs = [c for c in children[1:] if isinstance(c, tuple)]
-        end = max([name_tok.end_pos or 0] + [a.span.end for a in args] + [k[1].span.end for k in kwargs]) + 1
-        span = Span(name_tok.start_pos or 0, end)
+        args: list[ast.Node] = [c for c in children[1:] if not isinstance(c, tuple)]
+        kwargs: list[tuple[str, ast.Node, Span]] = [c for c in children[1:] if isinstance(c, tuple)]
+        span = Span(meta.start_pos, meta.end_pos)
         if str(name_tok) == BASE_KEYWORD:
             if len(args) != 1 or kwargs or not isinstance(args[0], ast.Ref) or args[0].version is not None:
                 raise CompileError("base_call", 'write base("org/model") to pin the base model', span)
             return ast.BaseModelRef(args[0].name, span)
-        return ast.Call(str(name_tok), tuple(args), tuple(kwargs), span, _tok_span(name_tok))  # type: ignore[arg-type]
+        return ast.Call(str(name_tok), tuple(args), tuple(kwargs), span, _tok_span(name_tok))
 
 
 def _join(children: list[ast.Node]) -> Span:
@@ -119,7 +127,8 @@ def _check_depth(text: str) -> None:
             depth += 1
             if depth > MAX_DEPTH:
                 raise CompileError(
-                    "too_deep", f"parentheses nest deeper than {MAX_DEPTH} levels; flatten the expression",
+                    "too_deep",
+                    f"parentheses nest deeper than {MAX_DEPTH} levels; flatten the expression",
                     Span(index, index + 1),
                 )
         elif char == ")":
@@ -128,20 +137,16 @@ def _check_depth(text: str) -> None:
 
 def _syntax_error(text: str, exc: UnexpectedInput) -> CompileError:
     if isinstance(exc, UnexpectedCharacters):
-        pos = exc.pos_in_stream
+        pos = exc.pos_in_stream or 0
         return CompileError("syntax", f"unexpected character {text[pos]!r}", Span(pos, pos + 1))
-    if isinstance(exc, UnexpectedEOF) or (
-        isinstance(exc, UnexpectedToken) and exc.token.type == "$END"
-    ):
+    if isinstance(exc, UnexpectedEOF) or (isinstance(exc, UnexpectedToken) and exc.token.type == "$END"):
         pos = len(text.rstrip())
         expected = _expected(set(getattr(exc, "expected", set()) or set()))
         return CompileError("syntax", f"the expression ends too early; expected {expected}", Span(pos, pos + 1))
     assert isinstance(exc, UnexpectedToken)
     token = exc.token
     span = _tok_span(token)
-    return CompileError(
-        "syntax", f"unexpected {str(token)!r}; expected {_expected(set(exc.expected))}", span
-    )
+    return CompileError("syntax", f"unexpected {str(token)!r}; expected {_expected(set(exc.expected))}", span)
 
 
 def parse(text: str) -> ast.Node:
@@ -149,7 +154,8 @@ def parse(text: str) -> ast.Node:
     try:
         if len(text) > MAX_SOURCE_CHARS:
             raise CompileError(
-                "too_long", f"the expression is {len(text)} characters; the limit is {MAX_SOURCE_CHARS}",
+                "too_long",
+                f"the expression is {len(text)} characters; the limit is {MAX_SOURCE_CHARS}",
                 Span(MAX_SOURCE_CHARS, MAX_SOURCE_CHARS + 1),
             )
         if not text.strip():

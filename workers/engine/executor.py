@@ -43,7 +43,9 @@ def pick_device(preferred: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _run_step(step: ModuleStep, reader: OperandReader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+def _run_step(
+    step: ModuleStep, reader: OperandReader, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     if not step.terms:
         # Everything cancelled: a rank-1 zero module keeps the folder loadable and the delta exactly zero.
         zeros_b = torch.zeros(step.out_features, 1, device=device)
@@ -91,7 +93,9 @@ def execute_plan(
             "graft.expression": plan.expression,
             "graft.normalized": plan.normalized,
             "graft.plan_hash": plan.hash(),
-            "graft.parents": json.dumps([{"ref": o.ref, "sha256": o.sha256, "weight": o.weight} for o in plan.operands]),
+            "graft.parents": json.dumps(
+                [{"ref": o.ref, "sha256": o.sha256, "weight": o.weight} for o in plan.operands]
+            ),
         }
         weights = writer.finish(peft_config(plan.base_model, plan.task_type, writer.ranks), metadata)
     except BaseException:

@@ -35,9 +35,13 @@ class PeftFolderWriter:
     def _append(self, name: str, tensor: torch.Tensor) -> None:
         data = tensor.detach().to(device="cpu", dtype=self.dtype).contiguous()
         raw = data.reshape(-1).view(torch.uint8).numpy()
-        self._data.write(memoryview(raw))
+        self._data.write(raw.tobytes())
         end = self._offset + raw.nbytes
-        self._entries[name] = {"dtype": _ST_DTYPES[self.dtype], "shape": list(data.shape), "data_offsets": [self._offset, end]}
+        self._entries[name] = {
+            "dtype": _ST_DTYPES[self.dtype],
+            "shape": list(data.shape),
+            "data_offsets": [self._offset, end],
+        }
         self._offset = end
 
     def add_module(self, module: str, b: torch.Tensor, a: torch.Tensor) -> None:
