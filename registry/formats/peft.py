@@ -101,8 +101,10 @@ def _number(config: dict[str, Any], key: str, default: float | None) -> float:
 
 def _pattern(config: dict[str, Any], key: str) -> dict[str, Any]:
     value = config.get(key) or {}
-    if not isinstance(value, dict):
-        raise InvalidAdapter(f"{CONFIG_FILE}: {key} must be an object mapping module patterns to numbers")
+    if not isinstance(value, dict) or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in value.values()
+    ):
+        raise InvalidAdapter(f"{CONFIG_FILE}: {key} must be an object mapping module patterns to positive numbers")
     return value
 
 
@@ -164,7 +166,7 @@ def inspect_peft_folder(folder: Path, base_model_override: str | None = None) ->
     base_model, use_rslora = _check_config(config, base_model_override)
     weights = _find_weights(folder)
     rank = int(_number(config, "r", 8))
-    alpha = _number(config, "lora_alpha", rank)
+    alpha = _number(config, "lora_alpha", 8)  # PEFT's LoraConfig default, whatever r is
     rank_pattern, alpha_pattern = _pattern(config, "rank_pattern"), _pattern(config, "alpha_pattern")
 
     header = read_header(weights)
