@@ -28,6 +28,8 @@ demo: setup
 	$(VENV)/bin/graft merge "base + code - toxic" --name code-detox --tags demo
 	$(VENV)/bin/graft show code-detox
 	$(VENV)/bin/graft lineage code-detox
+	# Publish the merge: with no Hub configured it goes to the local Hub folder (.graft/hub), as a tagged commit.
+	$(VENV)/bin/graft publish code-detox
 
 services:
 	bash scripts/ensure-services.sh

@@ -6,6 +6,7 @@ module is therefore the one place in ``api/`` allowed to import the worker pipel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -80,7 +81,11 @@ def _tags(value: str | None) -> list[str]:
 @app.command()
 def register(
     path: Annotated[
-        Path, typer.Argument(help="A PEFT adapter folder (adapter_config.json + adapter_model.safetensors).")
+        str,
+        typer.Argument(
+            help="A PEFT adapter folder (adapter_config.json + adapter_model.safetensors), "
+            "or a Hub adapter: hf://ORG/REPO[@REVISION]."
+        ),
     ],
     name: Annotated[str, typer.Option("--name", "-n", help="Adapter name; registering again adds a version.")],
     tags: Annotated[str | None, typer.Option("--tags", help="Comma-separated task tags, e.g. code,python.")] = None,
@@ -92,15 +97,24 @@ def register(
 
     def body() -> None:
         runtime = build_runtime()
-        with _session(runtime) as session:
-            result = register_folder(
-                session, runtime.store, path, name, tags=_tags(tags), description=description, base_model=base_model
-            )
-            info = describe_version(result.version)
-        if as_json:
-            _print_json({**info, "created": result.created})
+        if path.startswith("hf://"):
+            info, created = _register_from_hub(runtime, path, name, _tags(tags), description, base_model)
         else:
-            verb = "registered" if result.created else "already registered (identical content)"
+            with _session(runtime) as session:
+                result = register_folder(
+                    session,
+                    runtime.store,
+                    Path(path),
+                    name,
+                    tags=_tags(tags),
+                    description=description,
+                    base_model=base_model,
+                )
+                info, created = describe_version(result.version), result.created
+        if as_json:
+            _print_json({**info, "created": created})
+        else:
+            verb = "registered" if created else "already registered (identical content)"
             out.print(
                 f"{verb} [bold]{info['ref']}[/]  rank {info['rank']}, {info['modules']} modules, "
                 f"base {info['base_model']}, sha256 {info['sha256'][:12]}"
@@ -162,6 +176,26 @@ def plan(
     expression: Annotated[str, typer.Argument(help='e.g. "base + code - toxic"')], as_json: JsonFlag = False
 ) -> None:
     """Compile an expression and show the plan, without running it (a dry run)."""
+    from workers.compiler.plan import MergePlan
+
+    def size(value: float, unit: str, step: int = 1000) -> str:
+        for prefix in ("", "k", "M", "G", "T"):
+            if abs(value) < step or prefix == "T":
+                return f"{value:.3g} {prefix}{unit}"
+            value /= step
+        return f"{value:.3g} {unit}"
+
+    def module_table(compiled: MergePlan) -> Table:
+        """Steps grouped by module kind (the last part of the name): count, shape, path and ranks."""
+        groups: dict[tuple[str, str, str], list[int]] = {}
+        for step in compiled.steps:
+            key = (step.module.rsplit(".", 1)[-1], f"{step.out_features}x{step.in_features}", step.path)
+            groups.setdefault(key, []).append(step.rank)
+        table = Table("module", "count", "shape", "path", "rank")
+        for (kind, shape, path), ranks in sorted(groups.items()):
+            low, high = min(ranks), max(ranks)
+            table.add_row(kind, str(len(ranks)), shape, path, str(low) if low == high else f"{low}-{high}")
+        return table
 
     def body() -> None:
         runtime = build_runtime()
@@ -170,16 +204,74 @@ def plan(
         if as_json:
             _print_json({**compiled.model_dump(mode="json"), "plan_hash": compiled.hash()})
             return
-        out.print(f"[bold]normalized[/]  {compiled.normalized}", highlight=False)
-        for op in compiled.operands:
-            out.print(f"[bold]operand[/]     {op.ref}  weight {op.weight:g}  sha256 {op.sha256[:12]}", highlight=False)
-        ranks = sorted({s.rank for s in compiled.steps})
-        out.print(f"[bold]modules[/]     {len(compiled.steps)}, output rank {', '.join(map(str, ranks))}")
-        out.print(f"[bold]plan hash[/]   {compiled.hash()}")
+        dense = sum(1 for s in compiled.steps if s.path == "dense")
+        cost = compiled.cost
+        lines = [
+            ("normalized", compiled.normalized),
+            ("strategy", f"{compiled.strategy}   base {compiled.base_model}   dtype {compiled.dtype}"),
+            ("modules", f"{len(compiled.steps)} ({len(compiled.steps) - dense} factored, {dense} dense), "
+             f"max_rank {compiled.max_rank}"),
+            ("cost", f"reads {size(cost.bytes_read, 'B', 1024)}, {size(cost.flops, 'FLOP')}, "
+             f"peak {size(cost.peak_bytes, 'B', 1024)}, device {cost.device_class}"),
+            ("plan hash", compiled.hash()),
+        ]  # fmt: skip
+        for label, text in lines[:2]:
+            out.print(f"[bold]{label:>10}[/]  {text}", highlight=False)
+        for op in sorted(compiled.operands, key=lambda o: o.ref):
+            out.print(
+                f"[bold]{'operand':>10}[/]  {op.ref}  weight {op.weight:g}  sha256 {op.sha256[:12]}  "
+                f"(version id {op.version_id})",
+                highlight=False,
+            )
+        for label, text in lines[2:]:
+            out.print(f"[bold]{label:>10}[/]  {text}", highlight=False)
+        out.print(module_table(compiled))
         for warning in compiled.warnings:
-            out.print(f"[yellow]warning:[/] {warning}")
+            out.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
     _guard(body)
+
+
+@app.command()
+def functions(as_json: JsonFlag = False) -> None:
+    """List the functions expressions can call, with their parameters and an example."""
+    from workers.compiler import FUNCTIONS
+
+    specs = sorted(FUNCTIONS.values(), key=lambda spec: spec.name)
+    if as_json:
+        _print_json(
+            [
+                {
+                    "name": spec.name,
+                    "signature": spec.signature(),
+                    "doc": spec.doc,
+                    "example": spec.example,
+                    "inputs": None if spec.variadic is None else spec.variadic.doc,
+                    "params": [
+                        {
+                            "name": p.name,
+                            "type": p.type,
+                            "required": p.required,
+                            "default": None if p.required else p.default,
+                            "bounds": p.bounds_text() or None,
+                            "choices": list(p.choices) or None,
+                            "doc": p.doc,
+                        }
+                        for p in spec.params
+                    ],
+                }
+                for spec in specs
+            ]
+        )
+        return
+    for spec in specs:
+        out.print(f"[bold]{spec.signature()}[/]", highlight=False)
+        out.print(f"    {spec.doc}", highlight=False, markup=False)
+        if spec.variadic is not None:
+            out.print(f"    {'*' + spec.variadic.name:<10} {spec.variadic.doc}", highlight=False)
+        for param in spec.params:
+            out.print(f"    {param.name:<10} {param.type_text():<28} {param.doc}", highlight=False, markup=False)
+        out.print(f"    e.g. {spec.example}\n", highlight=False, markup=False)
 
 
 @app.command()
@@ -188,9 +280,19 @@ def merge(
     name: Annotated[str, typer.Option("--name", "-n", help="Name of the adapter that receives the result.")],
     tags: Annotated[str | None, typer.Option("--tags", help="Comma-separated tags for the result.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda; default: cuda when present.")] = None,
+    publish: Annotated[bool, typer.Option("--publish", help="Publish the result to the Hub once recorded.")] = False,
+    repo_id: Annotated[str | None, typer.Option("--repo", help="Hub repo for --publish (ORG/NAME).")] = None,
+    remote: Annotated[
+        str | None, typer.Option("--remote", help="Submit to a Graft server at this URL and follow the job.")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="GRAFT_API_TOKEN", help="API token for --remote.")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Compile and run a merge in-process, and record the result as a new version with lineage."""
+    """Compile and run a merge in-process (or, with --remote, on a server), and record the result with lineage."""
+    if remote is not None:
+        return _remote_merge(remote, token, expression, name, _tags(tags), as_json)
     from workers.pipeline import run_merge_job
 
     def body() -> None:
@@ -217,6 +319,7 @@ def merge(
         with _session(runtime) as session:
             info = describe_version(repo.get_versions_by_ids(session, [outcome.version_id])[outcome.version_id])
         total = time.perf_counter() - started
+        published, failure = _publish_after_merge(runtime, outcome.version_id, repo_id) if publish else (None, None)
         if as_json:
             _print_json(
                 {
@@ -229,6 +332,7 @@ def merge(
                         "engine_seconds": outcome.engine_seconds,
                         "total_seconds": total,
                     },
+                    **({"publication": published} if publish else {}),
                 }
             )
         else:
@@ -236,6 +340,14 @@ def merge(
                 f"merged [bold]{info['ref']}[/] = {compiled.normalized}  "
                 f"(rank {info['rank']}, {info['modules']} modules, engine {outcome.engine_seconds:.3f}s)",
                 highlight=False,
+            )
+            if published is not None and failure is None:
+                _print_published(published)
+        if failure is not None:
+            raise _fail(
+                f"merged {info['ref']}, but publishing failed: {failure.message} "
+                f"(retry with `graft publish {info['ref']}`)",
+                exit_code(failure.code),
             )
 
     _guard(body)
@@ -252,6 +364,8 @@ def _lineage_tree(graph: dict[str, Any]) -> Tree:
         text = f"[bold]{ref}[/] ({node['source']})"
         if node["expression"]:
             text += f"  = {node['expression']}"
+        if node.get("hub"):
+            text += f"  → {node['hub']['repo_id']}@{node['hub']['revision']}"
         if edge is not None:
             text = f"{edge['coefficient']:+g} × " + text
         return text
@@ -279,6 +393,9 @@ def lineage(ref: Annotated[str, typer.Argument(help="NAME or NAME@V.")], as_json
             _print_json(graph)
         else:
             out.print(_lineage_tree(graph), highlight=False)
+            for node in graph["nodes"]:  # full Hub links below the tree, where they are never cropped
+                if node.get("hub"):
+                    out.print(f"{node['ref']} published at {node['hub']['url']}", highlight=False)
 
     _guard(body)
 
@@ -312,6 +429,287 @@ def migrate() -> None:
     """Bring the configured database to the newest schema."""
     _guard(lambda: build_runtime(migrate=True))
     out.print("database schema is up to date")
+
+
+# -- publishing and Hub ingest (issue 6) -------------------------------------------------------------
+
+
+def _register_from_hub(
+    runtime: Runtime, uri: str, name: str, tags: list[str], description: str, base_model: str | None
+) -> tuple[dict[str, Any], bool]:
+    """``graft register hf://…``: download the adapter files only, validate, record the pinned origin."""
+    from workers.hub_ingest import ingest_from_hub
+
+    outcome = ingest_from_hub(
+        uri,
+        name,
+        session_factory=runtime.sessions,
+        store=runtime.store,
+        settings=runtime.settings,
+        tags=tags,
+        description=description,
+        base_model=base_model,
+    )
+    if outcome.origin.commit:
+        err.print(f"from {outcome.origin.uri} (commit {outcome.origin.commit[:12]})", highlight=False)
+    return outcome.version, outcome.created
+
+
+def _publish_version(runtime: Runtime, version_id: int, repo_id: str | None) -> dict[str, Any]:
+    from workers.publisher import publish_version
+
+    return publish_version(
+        version_id, session_factory=runtime.sessions, store=runtime.store, settings=runtime.settings, repo_id=repo_id
+    ).as_dict()
+
+
+def _publish_after_merge(
+    runtime: Runtime, version_id: int, repo_id: str | None
+) -> tuple[dict[str, Any], GraftError | None]:
+    """Publish a freshly merged version; a failure is returned (the merge itself stays recorded)."""
+    try:
+        return _publish_version(runtime, version_id, repo_id), None
+    except GraftError as exc:
+        return {"status": "failed", "error_code": exc.code, "error": exc.message}, exc
+
+
+def _print_published(published: dict[str, Any]) -> None:
+    verb = "already published" if published["reused"] else "published"
+    where = "the local Hub folder" if published["local"] else published["endpoint"]
+    out.print(
+        f"{verb} [bold]{published['ref']}[/] to {published['repo_id']}@{published['tag']} on {where}\n"
+        f"  commit {published['commit']}\n  {published['url']}",
+        highlight=False,
+    )
+
+
+@app.command()
+def publish(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@V.")],
+    repo_id: Annotated[
+        str | None, typer.Option("--repo", help="Hub repo ORG/NAME; default GRAFT_HUB_NAMESPACE/NAME.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Publish a version to the Hub as one commit tagged vN (or to the local Hub folder when none is set).
+
+    Safe to run again: a published version is reported as such, and a failed publication is retried.
+    """
+
+    def body() -> None:
+        runtime = build_runtime()
+        with _session(runtime) as session:
+            version_id = resolve_version(session, ref).id
+        published = _publish_version(runtime, version_id, repo_id)
+        if as_json:
+            _print_json(published)
+        else:
+            _print_published(published)
+
+    _guard(body)
+
+
+# -- the service (issue 5): API tokens, the server, workers, remote merges ----------------------------------
+
+token_app = typer.Typer(help="API tokens for the REST API (stored hashed; shown once).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    scope: Annotated[str, typer.Option("--scope", help="read, write or admin (each includes the ones before).")],
+    name: Annotated[str, typer.Option("--name", help="A label: who or what uses the token.")] = "cli",
+    as_json: JsonFlag = False,
+) -> None:
+    """Create an API token. It is printed once, on stdout; only its sha256 is stored."""
+    from registry.services.tokens import create_token
+
+    def body() -> None:
+        runtime = build_runtime()
+        with _session(runtime) as session:
+            issued = create_token(session, name, scope)
+        if as_json:
+            _print_json({"id": issued.id, "name": issued.name, "scope": issued.scope, "token": issued.secret})
+            return
+        err.print(f"created API token {issued.id} ({issued.name}, scope {issued.scope}); it is shown only once:")
+        sys.stdout.write(issued.secret + "\n")
+
+    _guard(body)
+
+
+@token_app.command("list")
+def token_list(as_json: JsonFlag = False) -> None:
+    """List API tokens (their names, scopes and prefixes; never the tokens)."""
+
+    def body() -> None:
+        runtime = build_runtime()
+        with _session(runtime) as session:
+            rows = [
+                {
+                    "id": t.id,
+                    "name": t.name,
+                    "scope": t.scope,
+                    "prefix": t.prefix,
+                    "created_at": t.created_at,
+                    "revoked": t.revoked_at is not None,
+                }
+                for t in repo.list_tokens(session)
+            ]
+        if as_json:
+            _print_json(rows)
+            return
+        table = Table("id", "name", "scope", "prefix", "revoked")
+        for row in rows:
+            revoked = "yes" if row["revoked"] else ""
+            table.add_row(str(row["id"]), str(row["name"]), str(row["scope"]), f"{row['prefix']}…", revoked)
+        out.print(table if rows else "no API tokens yet; create one with `graft token create --scope write`")
+
+    _guard(body)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: Annotated[int, typer.Argument(help="The id `graft token list` shows.")]) -> None:
+    """Revoke an API token; requests with it are refused from now on."""
+    from registry.services.tokens import revoke_token
+
+    def body() -> None:
+        runtime = build_runtime()
+        with _session(runtime) as session:
+            revoke_token(session, token_id)
+        out.print(f"revoked API token {token_id}")
+
+    _guard(body)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    device: Annotated[str | None, typer.Option("--device", help="Embedded mode: cpu or cuda.")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="uvicorn log level.")] = "info",
+) -> None:
+    """Run the REST API. Without GRAFT_BROKER_URL it also runs submitted merges, in a thread of this process."""
+    import uvicorn
+
+    from api.app import create_app
+    from api.dispatch import Dispatcher, EmbeddedDispatcher, dispatcher_for
+
+    runtime = _guard(build_runtime)
+    runner = None
+    dispatcher: Dispatcher
+    if runtime.settings.broker_url:
+        dispatcher = _guard(lambda: dispatcher_for(runtime.settings))
+        err.print(f"graft: merges go to the broker (queue {runtime.settings.merge_queue!r}); run `graft worker`")
+    else:
+        from workers.embedded import EmbeddedRunner
+
+        runner = EmbeddedRunner(
+            runtime.sessions,
+            runtime.store,
+            device=device,
+            progress_interval=runtime.settings.progress_interval_seconds,
+        )
+        runner.start()
+        dispatcher = EmbeddedDispatcher(runner.wake)
+        err.print("graft: embedded mode (no GRAFT_BROKER_URL): merges run in this process, one at a time")
+    try:
+        uvicorn.run(create_app(runtime=runtime, dispatcher=dispatcher), host=host, port=port, log_level=log_level)
+    finally:
+        if runner is not None:
+            runner.stop(timeout=10)
+
+
+@app.command()
+def worker(
+    queues: Annotated[
+        str | None, typer.Option("--queues", "-Q", help="Comma-separated queues; default: merge and publish.")
+    ] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Merges run at once.")] = 1,
+    loglevel: Annotated[str, typer.Option("--loglevel", help="Celery log level.")] = "INFO",
+    device: Annotated[str | None, typer.Option("--device", help="Embedded mode: cpu or cuda.")] = None,
+) -> None:
+    """Run merges: a Celery worker on GRAFT_BROKER_URL; with no broker, the embedded runner in the foreground."""
+    runtime = _guard(build_runtime)
+    settings = runtime.settings
+    if settings.broker_url:
+        from workers.celery_app import make_celery
+
+        celery = _guard(lambda: make_celery(settings))
+        celery.set_current()
+        wanted = queues or f"{settings.merge_queue},{settings.publish_queue}"
+        celery.worker_main(
+            ["worker", "-Q", wanted, "--concurrency", str(concurrency), "--loglevel", loglevel, "--without-gossip"]
+        )
+        return
+    from workers.embedded import EmbeddedRunner
+
+    runner = EmbeddedRunner(
+        runtime.sessions, runtime.store, device=device, progress_interval=settings.progress_interval_seconds
+    )
+    runner.recover()
+    err.print("graft: no GRAFT_BROKER_URL; running queued merges from the database (one runner per database)")
+    with contextlib.suppress(KeyboardInterrupt):
+        runner.run_forever()
+
+
+def _remote_error(response: Any) -> typer.Exit:
+    """A server's error body as the CLI's message and exit status."""
+    from rich.markup import escape
+
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return _fail(f"the server answered {response.status_code}: {response.text[:200]}", 1)
+    if error.get("rendered"):
+        err.print(error["rendered"], highlight=False, markup=False)
+        return typer.Exit(exit_code(error["code"], compile_error=True))
+    return _fail(escape(f"{error['message']} [{error['code']}]"), exit_code(error["code"]))
+
+
+def _remote_merge(url: str, token: str | None, expression: str, name: str, tags: list[str], as_json: bool) -> None:
+    """Submit a merge to a Graft server and follow the job to its end, with a progress bar over modules."""
+    import uuid
+
+    import httpx
+    from rich.markup import escape
+
+    headers = {"Idempotency-Key": str(uuid.uuid4())}  # a retried submission returns the same job
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    terminal = ("succeeded", "failed", "cancelled")
+    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=30.0) as client:
+
+        def call(method: str, path: str, **kwargs: Any) -> Any:
+            for attempt in range(3):
+                try:
+                    response = client.request(method, path, **kwargs)
+                except httpx.TransportError as exc:
+                    if attempt == 2:
+                        raise _fail(f"cannot reach {url}: {exc}", 1) from None
+                    time.sleep(0.5 * (attempt + 1))
+                    continue
+                if response.status_code >= 400:
+                    raise _remote_error(response)
+                return response.json()
+
+        job = call("POST", "/v1/merges", json={"expression": expression, "name": name, "tags": tags})
+        quiet = as_json or not sys.stderr.isatty()
+        with Progress(
+            TextColumn("merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, disable=quiet
+        ) as bar:
+            task = bar.add_task("merge", total=job["progress"]["total"] or None)
+            while job["status"] not in terminal:
+                time.sleep(0.5)
+                job = call("GET", f"/v1/merges/{job['id']}")
+                bar.update(task, completed=job["progress"]["done"], total=job["progress"]["total"] or None)
+    if as_json:
+        _print_json(job)
+    if job["status"] != "succeeded":
+        error = job.get("error") or {"code": job["status"], "message": job["status"]}
+        raise _fail(escape(f"merge job {job['id']} {job['status']}: {error['message']} [{error['code']}]"), 1)
+    if not as_json:
+        reused = f" (reused job {job['reused_from']})" if job.get("reused_from") else ""
+        out.print(f"merged [bold]{job['result']}[/] = {job['expression']}  job {job['id']}{reused}", highlight=False)
 
 
 def main() -> None:

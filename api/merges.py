@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from registry import repositories as repo
 from registry.catalog import RegistryCatalog
+from registry.errors import IdempotencyKeyReused
 from registry.models import MergeJob
 from registry.services import merges
 from registry.settings import Settings
@@ -25,3 +30,66 @@ def submit_merge(
         session, expression, target_name, merges.validate_tags(tags), plan.model_dump(mode="json"), plan.hash()
     )
     return job, plan
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a submission produced. ``must_run`` is true only for a new job that a worker still has to run."""
+
+    job: MergeJob
+    replayed: bool
+    reused: bool
+
+    @property
+    def must_run(self) -> bool:
+        return not self.replayed and self.job.status == "queued"
+
+
+def submit(
+    session: Session,
+    settings: Settings,
+    expression: str,
+    target_name: str,
+    tags: list[str],
+    *,
+    force: bool = False,
+    idempotency_key: str | None = None,
+) -> Submission:
+    """The API's submission: compile, then record a job; the caller commits, then enqueues if ``must_run``.
+
+    - An ``idempotency_key`` seen before returns that job (``replayed``); with a different request it is
+      refused with ``idempotency_key_reused``. Two concurrent first uses of one key yield one job.
+    - Unless ``force``, a plan already run into the same adapter is answered at once by a succeeded job that
+      points at the earlier result (``reused``); nothing runs again.
+    """
+    tags = merges.validate_tags(tags)
+    if idempotency_key is not None:
+        earlier = repo.get_job_by_idempotency_key(session, idempotency_key)
+        if earlier is not None:
+            return Submission(_same_request(earlier, expression, target_name, tags), replayed=True, reused=False)
+    plan = plan_expression(session, settings, expression)
+    plan_json, plan_hash = plan.model_dump(mode="json"), plan.hash()
+    finished = None if force else repo.find_finished_job(session, plan_hash, target_name)
+    try:
+        with session.begin_nested():
+            if finished is not None:
+                job = merges.create_reused_job(session, finished, expression, tags, plan_json, idempotency_key)
+            else:
+                job = merges.create_job(session, expression, target_name, tags, plan_json, plan_hash)
+                job.idempotency_key = idempotency_key
+                session.flush()
+    except IntegrityError:
+        # Another request with the same key committed first: answer with its job.
+        earlier = repo.get_job_by_idempotency_key(session, idempotency_key) if idempotency_key else None
+        if earlier is None:
+            raise
+        return Submission(_same_request(earlier, expression, target_name, tags), replayed=True, reused=False)
+    return Submission(job, replayed=False, reused=finished is not None)
+
+
+def _same_request(job: MergeJob, expression: str, target_name: str, tags: list[str]) -> MergeJob:
+    if job.expression != expression or job.target_name != target_name or sorted(set(tags)) != job.tags:
+        raise IdempotencyKeyReused(
+            f"Idempotency-Key was first used for job {job.id} with another request; use a new key for a new merge"
+        )
+    return job

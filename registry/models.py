@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -93,6 +95,11 @@ class AdapterVersion(Base):
     source: Mapped[str] = mapped_column(String(20))  # upload | hub | merge
     expression: Mapped[str | None] = mapped_column(Text, nullable=True)
     plan_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # Where a version ingested from a Hub came from (source "hub"): the revision asked for, pinned to a commit.
+    hub_endpoint: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    hub_repo: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    hub_revision: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    hub_commit: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     adapter: Mapped[Adapter] = relationship(back_populates="versions")
@@ -137,9 +144,65 @@ class MergeJob(Base):
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     engine_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     result_version_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"), nullable=True, index=True)
+    # The service (issue 5): a retried submission with the same key gets this job back; a cancel asked of a
+    # running job is honoured between modules; a job answered from an earlier one names it.
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True, unique=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    reused_from: Mapped[str | None] = mapped_column(String(36), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
 
     result_version: Mapped[AdapterVersion | None] = relationship()
+
+
+class Publication(Base):
+    """One version published to one Hub repo: a single commit tagged ``v{N}``.
+
+    ``status`` is ``pending`` (being published, or interrupted), ``published`` (``commit_oid`` and ``url`` are
+    set) or ``failed`` (``error_code``/``error_message`` say why; publishing again retries it). ``attempts``
+    counts tries against the Hub. ``endpoint`` names the Hub (``https://…``, or ``file://…`` for the local
+    folder). The Hub token is never stored here.
+    """
+
+    __tablename__ = "publications"
+    __table_args__ = (
+        UniqueConstraint("version_id", "endpoint", "repo_id", name="uq_publications_version_endpoint_repo"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id", ondelete="CASCADE"), index=True)
+    endpoint: Mapped[str] = mapped_column(String(300))
+    repo_id: Mapped[str] = mapped_column(String(300))
+    tag: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20), default="pending", index=True)
+    commit_oid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error_code: Mapped[str | None] = mapped_column(String(60), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )
+    published_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    version: Mapped[AdapterVersion] = relationship()
+
+
+class ApiToken(Base):
+    """A bearer token for the REST API. Only its sha256 is stored; the token itself is shown once, at creation.
+
+    ``scope`` is ``read``, ``write`` or ``admin``; each includes the ones before it.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    scope: Mapped[str] = mapped_column(String(10))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, literal, select
-from sqlalchemy.orm import Session, joinedload
+from sqlalchemy import ColumnElement, and_, case, func, literal, or_, select, type_coerce, update
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Session, contains_eager, joinedload
 
-from registry.models import Adapter, AdapterVersion, BaseModel, LineageEdge, MergeJob
+from registry.models import Adapter, AdapterVersion, ApiToken, BaseModel, LineageEdge, MergeJob, Publication
 
 
 def get_adapter(session: Session, name: str) -> Adapter | None:
@@ -125,3 +126,226 @@ def walk_lineage(session: Session, version_id: int, direction: str, max_depth: i
 
 def get_job(session: Session, job_id: str) -> MergeJob | None:
     return session.get(MergeJob, job_id)
+
+
+# -- publications and Hub provenance (issue 6) -------------------------------------------------------
+
+
+def get_publication(session: Session, version_id: int, endpoint: str, repo_id: str) -> Publication | None:
+    """The publication of a version to one repo on one Hub, if it was ever attempted."""
+    return session.scalar(
+        select(Publication).where(
+            Publication.version_id == version_id, Publication.endpoint == endpoint, Publication.repo_id == repo_id
+        )
+    )
+
+
+def get_publication_by_id(session: Session, publication_id: int) -> Publication | None:
+    return session.get(Publication, publication_id)
+
+
+def publications_of_version(session: Session, version_id: int) -> list[Publication]:
+    """Every publication of a version, oldest first."""
+    query = select(Publication).where(Publication.version_id == version_id).order_by(Publication.id)
+    return list(session.scalars(query))
+
+
+def latest_published(session: Session, version_ids: Sequence[int]) -> dict[int, Publication]:
+    """For each version id that has been published, its most recent successful publication."""
+    if not version_ids:
+        return {}
+    query = (
+        select(Publication)
+        .where(Publication.version_id.in_(list(version_ids)), Publication.status == "published")
+        .order_by(Publication.version_id, Publication.published_at, Publication.id)
+    )
+    found: dict[int, Publication] = {}
+    for publication in session.scalars(query):
+        found[publication.version_id] = publication  # later rows win: the newest publication
+    return found
+
+
+def parent_edges(session: Session, version_id: int) -> list[LineageEdge]:
+    """The direct parents of a version (one edge per operand), in insertion order."""
+    query = select(LineageEdge).where(LineageEdge.child_id == version_id).order_by(LineageEdge.id)
+    return list(session.scalars(query))
+
+
+def job_of_version(session: Session, version_id: int) -> MergeJob | None:
+    """The merge job whose result is this version, if the version came from a merge."""
+    query = select(MergeJob).where(MergeJob.result_version_id == version_id).order_by(MergeJob.created_at).limit(1)
+    return session.scalar(query)
+
+
+# -- the service (issue 5): API tokens, adapter search, job queries ---------------------------------------
+
+
+def get_token_by_hash(session: Session, token_hash: str) -> ApiToken | None:
+    return session.scalar(select(ApiToken).where(ApiToken.token_hash == token_hash))
+
+
+def get_token(session: Session, token_id: int) -> ApiToken | None:
+    return session.get(ApiToken, token_id)
+
+
+def list_tokens(session: Session) -> Sequence[ApiToken]:
+    return session.scalars(select(ApiToken).order_by(ApiToken.id)).all()
+
+
+@dataclass(frozen=True)
+class AdapterRow:
+    """An adapter seen through its latest version, with how many versions it has."""
+
+    latest: AdapterVersion
+    versions: int
+
+
+def _has_tag(session: Session, tag: str) -> ColumnElement[bool]:
+    if session.get_bind().dialect.name == "postgresql":
+        return type_coerce(Adapter.tags, JSONB).contains([tag])
+    values = func.json_each(Adapter.tags).table_valued("value")
+    return select(literal(1)).select_from(values).where(values.c.value == tag).exists()
+
+
+def search_adapters(
+    session: Session,
+    *,
+    base_model: str | None = None,
+    tag: str | None = None,
+    rank_min: int | None = None,
+    rank_max: int | None = None,
+    text: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[AdapterRow], int]:
+    """One page of adapters (by name) whose latest version matches every filter given, and the total count.
+
+    ``base_model`` is exact; ``tag`` is one of the adapter's tags; the rank range is inclusive and applies to
+    the latest version; ``text`` is a case-insensitive substring of the name or the description.
+    """
+    latest = (
+        select(
+            AdapterVersion.adapter_id.label("adapter_id"),
+            func.max(AdapterVersion.number).label("number"),
+            func.count().label("versions"),
+        )
+        .group_by(AdapterVersion.adapter_id)
+        .subquery("latest")
+    )
+    conditions: list[ColumnElement[bool]] = []
+    if base_model is not None:
+        conditions.append(BaseModel.name == base_model)
+    if tag is not None:
+        conditions.append(_has_tag(session, tag))
+    if rank_min is not None:
+        conditions.append(AdapterVersion.rank >= rank_min)
+    if rank_max is not None:
+        conditions.append(AdapterVersion.rank <= rank_max)
+    if text:
+        conditions.append(
+            or_(Adapter.name.icontains(text, autoescape=True), Adapter.description.icontains(text, autoescape=True))
+        )
+    query = (
+        select(AdapterVersion, latest.c.versions)
+        .join(latest, and_(AdapterVersion.adapter_id == latest.c.adapter_id, AdapterVersion.number == latest.c.number))
+        .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
+        .join(BaseModel, BaseModel.id == AdapterVersion.base_model_id)
+        .where(*conditions)
+    )
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    page = session.execute(
+        query.options(contains_eager(AdapterVersion.adapter), contains_eager(AdapterVersion.base_model))
+        .order_by(Adapter.name)
+        .limit(limit)
+        .offset(offset)
+    )
+    return [AdapterRow(version, int(count)) for version, count in page], int(total)
+
+
+def get_job_by_idempotency_key(session: Session, key: str) -> MergeJob | None:
+    return session.scalar(select(MergeJob).where(MergeJob.idempotency_key == key))
+
+
+def get_job_for_update(session: Session, job_id: str) -> MergeJob | None:
+    """The job row, locked until the transaction ends (PostgreSQL; SQLite serialises writers anyway)."""
+    return session.scalar(
+        select(MergeJob).where(MergeJob.id == job_id).with_for_update().execution_options(populate_existing=True)
+    )
+
+
+def find_finished_job(session: Session, plan_hash: str, target_name: str) -> MergeJob | None:
+    """The earliest succeeded job that ran the same plan into the same adapter, if its result still exists."""
+    return session.scalar(
+        select(MergeJob)
+        .where(
+            MergeJob.plan_hash == plan_hash,
+            MergeJob.target_name == target_name,
+            MergeJob.status == "succeeded",
+            MergeJob.result_version_id.is_not(None),
+        )
+        .order_by(MergeJob.created_at, MergeJob.id)
+        .limit(1)
+    )
+
+
+def list_jobs(
+    session: Session, *, status: str | None = None, limit: int = 50, offset: int = 0
+) -> tuple[list[MergeJob], int]:
+    """One page of jobs, newest first, and the total count."""
+    conditions = [MergeJob.status == status] if status else []
+    total = session.scalar(select(func.count()).select_from(MergeJob).where(*conditions)) or 0
+    jobs = session.scalars(
+        select(MergeJob)
+        .options(joinedload(MergeJob.result_version).joinedload(AdapterVersion.adapter))
+        .where(*conditions)
+        .order_by(MergeJob.created_at.desc(), MergeJob.id)
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return list(jobs), int(total)
+
+
+def job_status_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(select(MergeJob.status, func.count()).group_by(MergeJob.status))
+    return {str(status): int(count) for status, count in rows}
+
+
+def merge_seconds_histogram(session: Session, buckets: Sequence[float]) -> tuple[list[int], int, float]:
+    """Engine seconds of merges that ran and succeeded: cumulative counts per bucket bound, count and sum."""
+    columns = [func.coalesce(func.sum(case((MergeJob.engine_seconds <= bound, 1), else_=0)), 0) for bound in buckets]
+    row = session.execute(
+        select(
+            *columns, func.count(MergeJob.engine_seconds), func.coalesce(func.sum(MergeJob.engine_seconds), 0.0)
+        ).where(MergeJob.status == "succeeded", MergeJob.reused_from.is_(None), MergeJob.engine_seconds.is_not(None))
+    ).one()
+    values = list(row)
+    return [int(v) for v in values[: len(buckets)]], int(values[-2]), float(values[-1])
+
+
+def claim_next_queued_job(session: Session) -> str | None:
+    """Mark the oldest queued job ``running`` and return its id; None when nothing is queued.
+
+    The conditional update makes the claim atomic: of two runners racing for one job, one gets it.
+    """
+    job_id = session.scalar(
+        select(MergeJob.id).where(MergeJob.status == "queued").order_by(MergeJob.created_at, MergeJob.id).limit(1)
+    )
+    if job_id is None:
+        return None
+    claimed = session.execute(
+        update(MergeJob).where(MergeJob.id == job_id, MergeJob.status == "queued").values(status="running")
+    )
+    return job_id if getattr(claimed, "rowcount", 0) == 1 else None
+
+
+def requeue_running_jobs(session: Session) -> list[str]:
+    """Put every ``running`` job back in the queue (after a crash of the only process that runs jobs)."""
+    ids = list(session.scalars(select(MergeJob.id).where(MergeJob.status == "running")))
+    if ids:
+        session.execute(update(MergeJob).where(MergeJob.id.in_(ids)).values(status="queued"))
+    return ids
+
+
+def lock_adapter(session: Session, name: str) -> Adapter | None:
+    """The adapter row, locked until the transaction ends (so that version numbers are taken in turn)."""
+    return session.scalar(select(Adapter).where(Adapter.name == name).with_for_update())

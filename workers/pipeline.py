@@ -11,13 +11,14 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry import repositories as repo
 from registry.artifacts import ArtifactStore
 from registry.db import session_scope
 from registry.errors import GraftError, MergeFailed
-from registry.formats.peft import inspect_peft_folder
+from registry.formats.peft import AdapterFacts, inspect_peft_folder
 from registry.services import merges
 from workers.compiler.plan import MergePlan
 from workers.engine.executor import Cancelled, Progress, execute_plan, pick_device
@@ -60,18 +61,40 @@ def run_merge_job(
         facts = inspect_peft_folder(scratch / "out")
         sha, key, created = store.put_file(report.weights_path)
         created_key = key if created else None
-        with session_scope(session_factory) as session:
-            job = merges.record_result(
-                session, job_id, facts, sha256=sha, artifact_key=key, engine_seconds=report.seconds
-            )
-            version_id = job.result_version_id
-        assert version_id is not None
+        version_id = _record(session_factory, job_id, facts, sha, key, report.seconds)
         return JobOutcome(job_id, version_id, report.seconds, reused=False)
     except BaseException as exc:
         _record_failure(session_factory, store, job_id, exc, created_key)
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+RECORD_TRIES = 3
+
+
+def _record(
+    session_factory: sessionmaker[Session],
+    job_id: str,
+    facts: AdapterFacts,
+    sha256: str,
+    key: str,
+    seconds: float,
+) -> int:
+    """Record the result in one transaction; retried when a concurrent result created the same adapter first."""
+    for attempt in range(1, RECORD_TRIES + 1):
+        try:
+            with session_scope(session_factory) as session:
+                job = merges.record_result(
+                    session, job_id, facts, sha256=sha256, artifact_key=key, engine_seconds=seconds
+                )
+                version_id = job.result_version_id
+            assert version_id is not None
+            return version_id
+        except IntegrityError:
+            if attempt == RECORD_TRIES:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _record_failure(

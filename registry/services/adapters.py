@@ -160,4 +160,53 @@ def describe_version(version: AdapterVersion) -> dict[str, Any]:
         "plan_hash": version.plan_hash,
         "tags": version.adapter.tags,
         "created_at": version.created_at.isoformat() if version.created_at else None,
+        # Where a version ingested from a Hub came from (issue 6): the revision asked for, pinned to a commit.
+        "hub_origin": (
+            {
+                "endpoint": version.hub_endpoint,
+                "repo_id": version.hub_repo,
+                "revision": version.hub_revision,
+                "commit": version.hub_commit,
+            }
+            if version.source == "hub"
+            else None
+        ),
     }
+
+
+# -- the service (issue 5): browsing ---------------------------------------------------------------------
+
+
+def find_adapters(
+    session: Session,
+    *,
+    base_model: str | None = None,
+    tag: str | None = None,
+    rank_min: int | None = None,
+    rank_max: int | None = None,
+    text: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[repo.AdapterRow], int]:
+    """A page of adapters matching the filters (applied to each adapter's latest version), and the total."""
+    if rank_min is not None and rank_max is not None and rank_min > rank_max:
+        raise InvalidInput(f"rank_min ({rank_min}) is larger than rank_max ({rank_max})")
+    return repo.search_adapters(
+        session,
+        base_model=base_model,
+        tag=tag,
+        rank_min=rank_min,
+        rank_max=rank_max,
+        text=text,
+        limit=limit,
+        offset=offset,
+    )
+
+
+def get_adapter_or_404(session: Session, name: str) -> tuple[Adapter, AdapterVersion]:
+    """The adapter called ``name`` and its latest version, or :class:`AdapterNotFound`."""
+    adapter = repo.get_adapter(session, name)
+    latest = repo.get_version(session, name, None) if adapter is not None else None
+    if adapter is None or latest is None:
+        raise AdapterNotFound(f"unknown adapter {name!r}; GET /v1/adapters lists the registered ones")
+    return adapter, latest

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from registry import repositories as repo
 from registry.errors import InvalidInput
 from registry.models import AdapterVersion
+from registry.services.publications import PublishedRef
 
 DIRECTIONS = ("up", "down", "both")
 
@@ -23,10 +24,19 @@ def lineage_graph(session: Session, version: AdapterVersion, direction: str = "u
     edges = [row for walk in walks for row in repo.walk_lineage(session, version.id, walk, depth)]
     ids = {version.id} | {e.child_id for e in edges} | {e.parent_id for e in edges}
     versions = repo.get_versions_by_ids(session, sorted(ids))
+    published = repo.latest_published(session, sorted(ids))
     return {
         "root": version.ref,
         "nodes": [
-            {"id": v.id, "ref": v.ref, "source": v.source, "expression": v.expression, "sha256": v.sha256}
+            {
+                "id": v.id,
+                "ref": v.ref,
+                "source": v.source,
+                "expression": v.expression,
+                "sha256": v.sha256,
+                # Where the version was published (repo, revision = tag, commit, URL), or None.
+                "hub": PublishedRef.of(published[v.id]).as_dict() if v.id in published else None,
+            }
             for v in sorted(versions.values(), key=lambda v: v.id)
         ],
         "edges": [

@@ -1,0 +1,140 @@
+"""``/v1/plans`` and ``/v1/merges`` over HTTP on PostgreSQL: dry runs, 202 + jobs, idempotency, reuse, cancel."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.api.conftest import Api
+from tests.api.test_http_adapters import assert_error
+
+
+@pytest.fixture
+def leaves(api: Api, make_adapter) -> None:
+    for seed, name in enumerate(("code", "math", "toxic"), start=1):
+        assert api.upload(name, make_adapter(name, seed=seed)).status_code == 201
+
+
+def test_plan_is_a_dry_run(api: Api, leaves: None) -> None:
+    response = api.client.post("/v1/plans", json={"expression": "0.7*code + 0.3*math"})
+    assert response.status_code == 200, response.text
+    plan = response.json()
+    assert {op["ref"]: op["weight"] for op in plan["operands"]} == {"code@1": 0.7, "math@1": 0.3}
+    assert plan["modules"] == 14 and plan["output_ranks"] == [16] and len(plan["plan_hash"]) == 64
+    assert api.client.get("/v1/merges").json()["total"] == 0  # nothing was submitted
+
+
+def test_plan_errors_are_422_with_code_span_and_caret(api: Api, leaves: None) -> None:
+    expression = "0.7*code + 0.3*mathh"
+    error = assert_error(api.client.post("/v1/plans", json={"expression": expression}), 422, "unknown_adapter")
+    assert "did you mean 'math'" in error["message"]
+    assert error["span"]["column"] == expression.index("mathh") + 1
+    assert error["span"]["start"] == expression.index("mathh")
+    lines = error["rendered"].splitlines()
+    assert lines[1].strip() == expression and lines[2].index("^") == lines[1].index("mathh")
+
+    for bad in ("code *", "code * math", "((", "1 + code"):
+        response = api.client.post("/v1/plans", json={"expression": bad})
+        assert response.status_code == 422, (bad, response.text)
+        assert "span" in response.json()["error"], bad
+    assert_error(api.client.post("/v1/plans", json={"expression": ""}), 422, "invalid_request")
+    assert_error(api.client.post("/v1/plans", json={"expr": "code"}), 422, "invalid_request")
+    assert_error(
+        api.client.post("/v1/plans", content=b"{oops", headers={"content-type": "application/json"}),
+        422,
+        "invalid_request",
+    )
+
+
+def test_merge_answers_202_and_queues_after_commit(api: Api, leaves: None) -> None:
+    response = api.merge("base + code - toxic", "detox", tags=["demo"])
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["status"] == "queued" and job["progress"] == {"done": 0, "total": 14}
+    assert job["attempts"] == 0 and job["result"] is None and job["tags"] == ["demo"]
+    assert response.headers["location"] == f"/v1/merges/{job['id']}"
+    assert api.dispatcher.enqueued == [job["id"]]
+    assert api.dispatcher.committed_when_enqueued == [True]
+
+    assert api.run(job["id"]).status == "succeeded"
+    done = api.client.get(f"/v1/merges/{job['id']}").json()
+    assert done["status"] == "succeeded" and done["result"] == "detox@1" and done["attempts"] == 1
+    assert done["progress"] == {"done": 14, "total": 14} and done["engine_seconds"] > 0
+    assert api.client.get("/v1/adapters/detox/versions/1").json()["expression"] == "base + code - toxic"
+    # A second delivery of the same task is a no-op.
+    assert api.run(job["id"]).status == "succeeded"
+    assert api.client.get("/v1/adapters/detox").json()["version_numbers"] == [1]
+
+
+def test_idempotency_key_returns_the_same_job(api: Api, leaves: None) -> None:
+    key = {"Idempotency-Key": "retry-me-42"}
+    first = api.merge("code + math", "both", headers=key)
+    second = api.merge("code + math", "both", headers=key)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["id"] == second.json()["id"]
+    assert second.headers["idempotent-replayed"] == "true"
+    assert api.dispatcher.enqueued == [first.json()["id"]]  # queued once
+    assert api.client.get("/v1/merges").json()["total"] == 1
+    assert_error(api.merge("code - math", "both", headers=key), 409, "idempotency_key_reused")
+    assert_error(api.merge("code + math", "both", headers={"Idempotency-Key": ""}), 422, "invalid_request")
+
+
+def test_a_finished_plan_is_reused_unless_forced(api: Api, leaves: None) -> None:
+    first = api.merge("code + math", "pair").json()
+    api.run(first["id"])
+    # Same plan (spelled differently), same target: answered at once from the first job.
+    reused = api.merge("math + code", "pair")
+    assert reused.status_code == 202
+    body = reused.json()
+    assert body["status"] == "succeeded" and body["reused_from"] == first["id"] and body["result"] == "pair@1"
+    assert api.dispatcher.enqueued == [first["id"]]
+    forced = api.merge("math + code", "pair", force=True).json()
+    assert forced["status"] == "queued" and forced["reused_from"] is None
+    api.run(forced["id"])
+    assert api.client.get("/v1/adapters/pair").json()["version_numbers"] == [1, 2]
+    # Another target name does not reuse.
+    assert api.merge("code + math", "pair-copy").json()["status"] == "queued"
+
+
+def test_cancel(api: Api, leaves: None) -> None:
+    queued = api.merge("code - toxic", "c1").json()
+    cancelled = api.client.post(f"/v1/merges/{queued['id']}/cancel", headers=api.auth())
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert api.client.post(f"/v1/merges/{queued['id']}/cancel", headers=api.auth()).json()["status"] == "cancelled"
+    assert api.run(queued["id"]).status == "cancelled"  # the worker leaves it alone
+    assert_error(api.client.get("/v1/adapters/c1"), 404, "adapter_not_found")
+
+    finished = api.merge("code + toxic", "c2").json()
+    api.run(finished["id"])
+    assert_error(api.client.post(f"/v1/merges/{finished['id']}/cancel", headers=api.auth()), 409, "job_finished")
+    assert_error(api.client.post("/v1/merges/nope/cancel", headers=api.auth()), 404, "job_not_found")
+
+
+def test_listing_and_unknown_jobs(api: Api, leaves: None) -> None:
+    ids = [api.merge(f"{w}*code", f"m{i}").json()["id"] for i, w in enumerate((1, 2, 3))]
+    api.run(ids[0])
+    page = api.client.get("/v1/merges", params={"limit": 2}).json()
+    assert page["total"] == 3 and len(page["items"]) == 2
+    queued = api.client.get("/v1/merges", params={"status": "queued"}).json()
+    assert {j["id"] for j in queued["items"]} == set(ids[1:])
+    assert_error(api.client.get("/v1/merges", params={"status": "bogus"}), 422, "invalid_request")
+    assert_error(api.client.get("/v1/merges/00000000-0000-0000-0000-000000000000"), 404, "job_not_found")
+
+
+def test_bad_submissions_are_4xx_never_500(api: Api, leaves: None) -> None:
+    assert_error(api.merge("code + ghost", "x"), 422, "unknown_adapter")
+    assert_error(api.merge("code", "bad name!"), 422, "invalid_input")
+    assert_error(api.merge("code", "x", tags=["no spaces"]), 422, "invalid_input")
+    assert_error(api.merge("code", "x", publish=True), 422, "not_supported")
+    assert_error(api.merge("code", "x", extra=1), 422, "invalid_request")
+    response = api.client.post("/v1/merges", json={"expression": 5, "name": []}, headers=api.auth())
+    error = assert_error(response, 422, "invalid_request")
+    assert len(error["details"]) == 2
+    assert_error(api.client.post("/v1/merges", json=[1, 2], headers=api.auth()), 422, "invalid_request")
+    assert api.dispatcher.enqueued == []
+
+
+def test_an_unreachable_broker_fails_the_job_instead_of_losing_it(api: Api, leaves: None) -> None:
+    api.dispatcher.down = True
+    assert_error(api.merge("code + math", "lost"), 503, "broker_unavailable")
+    jobs = api.client.get("/v1/merges").json()["items"]
+    assert len(jobs) == 1 and jobs[0]["status"] == "failed" and jobs[0]["error"]["code"] == "broker_unavailable"
