@@ -1,17 +1,17 @@
 """What the compiler needs to know about adapters, as protocols the registry satisfies.
 
-The compiler never imports the registry: whoever calls :func:`compile_expression` hands it an object
-with this shape (``registry.catalog.RegistryCatalog`` in production, a dict-backed one in tests).
+The compiler never imports the registry: whoever calls :func:`~workers.compiler.compile_expression` hands
+it an object with this shape (``registry.catalog.RegistryCatalog`` in production).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class OperandInfo(Protocol):
-    """One pinned adapter version, as far as type checking needs it."""
+    """One pinned adapter version, as far as type checking needs it. No tensor data."""
 
     @property
     def adapter(self) -> str: ...
@@ -24,7 +24,10 @@ class OperandInfo(Protocol):
     @property
     def base_model(self) -> str: ...
     @property
-    def dtype(self) -> str: ...
+    def dtype(self) -> str:
+        """Storage dtype of the factors: ``F32``, ``F16``, ``BF16`` (``F64`` is read as F32)."""
+        ...
+
     @property
     def task_type(self) -> str | None: ...
     @property
@@ -39,8 +42,10 @@ class OperandInfo(Protocol):
 
 
 class Catalog(Protocol):
+    """Name lookup. Adapter names are case-sensitive; version numbers start at 1."""
+
     def adapter_names(self) -> Sequence[str]:
-        """Every registered adapter name (for 'did you mean' suggestions)."""
+        """Every registered adapter name (for 'did you mean' suggestions; only called on errors)."""
         ...
 
     def version_numbers(self, name: str) -> Sequence[int]:
@@ -49,4 +54,16 @@ class Catalog(Protocol):
 
     def get(self, name: str, number: int) -> OperandInfo:
         """The version ``number`` of ``name`` (which :meth:`version_numbers` listed)."""
+        ...
+
+
+@runtime_checkable
+class TaggedCatalog(Protocol):
+    """Optional: a catalog that also knows version tags (``code@stable``).
+
+    Catalogs without this method still compile every expression; a tag then gives ``unknown_version``.
+    """
+
+    def version_for_tag(self, name: str, tag: str) -> int | None:
+        """The version number that ``tag`` names for adapter ``name``, or None."""
         ...

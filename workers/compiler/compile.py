@@ -1,282 +1,158 @@
-"""Resolve, type-check and lower an AST into a :class:`MergePlan`.
+"""The compiler's entry point: text → AST → pinned, typed expression → per-module programs → MergePlan.
 
-Everything here is exact linear algebra on ΔW: each operand contributes ``weight · scale · B @ A`` per
-module, and the plan concatenates the scaled factors (rank = the sum of ranks). No tensor is opened.
+Stages, one module each: ``parser`` (syntax and limits), ``resolve`` (pinning, base model, shapes,
+refusals), ``check`` (types, arity, bounds; constants folded, like terms collected), ``lower`` (per-module
+programs, ranks, paths, max_rank), ``cost``. No tensor file is opened and nothing here imports torch or
+the database: the catalog is handed in.
 """
 
 from __future__ import annotations
 
-import difflib
-import math
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from typing import Literal
 
-from workers.compiler import ast
-from workers.compiler.catalog import Catalog, OperandInfo
+from workers.compiler.catalog import Catalog
+from workers.compiler.check import Checker
+from workers.compiler.cost import estimate_cost
 from workers.compiler.errors import CompileError, Span
+from workers.compiler.lower import ModuleLowering, Notes, OperandTable
 from workers.compiler.parser import parse
-from workers.compiler.plan import MergePlan, ModuleStep, PlannedOperand, Term
+from workers.compiler.plan import (
+    DareNode,
+    DareTiesNode,
+    LinearNode,
+    MagnitudePruneNode,
+    MergePlan,
+    ModuleStep,
+    Node,
+    OperandNode,
+    OrthNode,
+    PlannedOperand,
+    SvdNode,
+    TiesNode,
+    operand_nodes,
+)
+from workers.compiler.resolve import Resolved, Resolver
+from workers.compiler.texpr import Linear, operand_weights, outermost_strategy
 
-MAX_OPERANDS = 256
-_VERSION_NUMBER = re.compile(r"^v?(\d+)$")
-_BARE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
-_FLOAT_DTYPES = {"F16", "BF16", "F32"}
-
-
-@dataclass
-class _Linear:
-    """An adapter-valued expression: operand key → weight (a linear combination of ΔW)."""
-
-    weights: dict[tuple[str, int], float] = field(default_factory=dict)
-
-    def scaled(self, factor: float) -> _Linear:
-        return _Linear({k: w * factor for k, w in self.weights.items()})
-
-    def plus(self, other: _Linear, sign: float) -> _Linear:
-        merged = dict(self.weights)
-        for key, weight in other.weights.items():
-            merged[key] = merged.get(key, 0.0) + sign * weight
-        return _Linear(merged)
-
-
-_Value = float | _Linear
+DEFAULT_MAX_RANK = 1024
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
+CANCELLED = "the expression cancels out: the result is an empty (all-zero) adapter"
+ZERO_EVERYWHERE = "the expression is zero in every module: the result is an empty (all-zero) adapter"
 
 
-class _Checker:
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
-        self.operands: dict[tuple[str, int], OperandInfo] = {}
-        self.spans: dict[tuple[str, int], Span] = {}
-        self.base_pins: list[tuple[str, Span]] = []
+def compile_expression(text: str, catalog: Catalog, *, max_rank: int = DEFAULT_MAX_RANK) -> MergePlan:
+    """Compile ``text`` against ``catalog`` into a pinned plan, or raise :class:`CompileError`.
 
-    # -- resolution ------------------------------------------------------------------------------
-    def resolve(self, ref: ast.Ref) -> tuple[str, int]:
-        numbers = list(self.catalog.version_numbers(ref.name))
-        if not numbers:
-            names = list(self.catalog.adapter_names())
-            close = difflib.get_close_matches(ref.name, names, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else "; `graft list` shows the registered adapters"
-            raise CompileError("unknown_adapter", f"unknown adapter {ref.name!r}{hint}", ref.span)
-        if ref.version is None or ref.version == "latest":
-            number = numbers[-1]
-        else:
-            match = _VERSION_NUMBER.match(ref.version)
-            if match is None:
-                raise CompileError(
-                    "unknown_version",
-                    f"unknown version {ref.version!r} of {ref.name!r}; write @N or @latest "
-                    f"(versions: {', '.join(map(str, numbers))})",
-                    ref.span,
-                )
-            number = int(match.group(1))
-            if number not in numbers:
-                raise CompileError(
-                    "unknown_version",
-                    f"adapter {ref.name!r} has no version {number}; it has {', '.join(map(str, numbers))}",
-                    ref.span,
-                )
-        key = (ref.name, number)
-        if key not in self.operands:
-            if len(self.operands) >= MAX_OPERANDS:
-                raise CompileError(
-                    "too_many_operands", f"more than {MAX_OPERANDS} distinct operands; merge in stages", ref.span
-                )
-            info = self.catalog.get(ref.name, number)
-            if info.variants:
-                raise CompileError(
-                    "unsupported_adapter",
-                    f"{ref.name}@{number} is a {'/'.join(info.variants)} adapter, which Graft cannot merge yet",
-                    ref.span,
-                )
-            self.operands[key] = info
-            self.spans[key] = ref.span
-        return key
-
-    # -- evaluation ------------------------------------------------------------------------------
-    def evaluate(self, node: ast.Node) -> _Value:
-        if isinstance(node, ast.Number):
-            if not math.isfinite(node.value):
-                raise CompileError("bad_number", "this number is too large to be a weight", node.span)
-            return node.value
-        if isinstance(node, ast.Ref):
-            return _Linear({self.resolve(node): 1.0})
-        if isinstance(node, ast.BaseModelRef):
-            if node.model is not None:
-                self.base_pins.append((node.model, node.span))
-            return _Linear()
-        if isinstance(node, ast.Neg):
-            value = self.evaluate(node.operand)
-            return -value if isinstance(value, float) else value.scaled(-1.0)
-        if isinstance(node, ast.BinOp):
-            return self._binop(node)
-        raise CompileError(
-            "unknown_function",
-            f"unknown function {node.name!r}; only +, -, * and / are available so far",
-            node.name_span,
-        )
-
-    def _binop(self, node: ast.BinOp) -> _Value:
-        left, right = self.evaluate(node.left), self.evaluate(node.right)
-        if node.op in "+-":
-            sign = 1.0 if node.op == "+" else -1.0
-            if isinstance(left, _Linear) and isinstance(right, _Linear):
-                return left.plus(right, sign)
-            if isinstance(left, float) and isinstance(right, float):
-                return left + sign * right
-            number = node.left if isinstance(left, float) else node.right
-            raise CompileError(
-                "type_error",
-                f"cannot {'add' if sign > 0 else 'subtract'} a number and an adapter; "
-                "scale the adapter instead, e.g. 0.5*code",
-                number.span,
-            )
-        if node.op == "*":
-            if isinstance(left, _Linear) and isinstance(right, _Linear):
-                raise CompileError(
-                    "type_error", "cannot multiply two adapters; multiply an adapter by a number", node.span
-                )
-            if isinstance(left, float) and isinstance(right, float):
-                return left * right
-            return left.scaled(right) if isinstance(left, _Linear) else right.scaled(left)  # type: ignore[union-attr,arg-type]
-        # division
-        if isinstance(right, _Linear):
-            raise CompileError("type_error", "cannot divide by an adapter; divide by a number", node.right.span)
-        if right == 0.0:
-            raise CompileError("division_by_zero", "division by zero", node.right.span)
-        return left / right if isinstance(left, float) else left.scaled(1.0 / right)
-
-
-def _display(name: str, number: int) -> str:
-    shown = name if _BARE_NAME.match(name) and name != "base" else f'"{name}"'
-    return f"{shown}@{number}"
-
-
-def _format_weight(weight: float) -> str:
-    return f"{weight:.12g}"
-
-
-def normalize(weights: Sequence[tuple[str, int, float]]) -> str:
-    """A canonical spelling of a linear combination: ``0.7*code@1 + 0.3*math@1 - toxic@2``."""
-    if not weights:
-        return "base"
-    parts: list[str] = []
-    for index, (name, number, weight) in enumerate(weights):
-        magnitude = abs(weight)
-        term = _display(name, number) if magnitude == 1.0 else f"{_format_weight(magnitude)}*{_display(name, number)}"
-        if index == 0:
-            parts.append(term if weight >= 0 else f"-{term}")
-        else:
-            parts.append(f"{'+' if weight >= 0 else '-'} {term}")
-    return " ".join(parts)
-
-
-def compile_expression(text: str, catalog: Catalog, *, max_rank: int = 1024) -> MergePlan:
-    """Compile ``text`` against ``catalog`` into a pinned plan, or raise :class:`CompileError`."""
+    Any text at all gives a plan or a ``CompileError`` (errors from the catalog itself propagate).
+    """
+    if max_rank < 1:
+        raise ValueError("max_rank must be at least 1")
     try:
         return _compile(text, catalog, max_rank)
     except CompileError as error:
         raise error.with_source(text) from None
+    except RecursionError:  # a safety net: the parser's limits keep every pass far from the limit
+        raise CompileError("too_deep", "the expression nests too deeply; flatten it", Span(0, 1), text) from None
 
 
 def _compile(text: str, catalog: Catalog, max_rank: int) -> MergePlan:
     tree = parse(text)
-    checker = _Checker(catalog)
-    value = checker.evaluate(tree)
-    if isinstance(value, float):
-        raise CompileError("type_error", "the expression is a number; it must be an adapter, e.g. 0.5*code", tree.span)
-    if not checker.operands:
-        raise CompileError(
-            "no_operands", "the expression names no adapter; `base` alone is the base model itself", tree.span
-        )
+    resolver = Resolver(catalog, text)
+    root = Checker(resolver).check(tree)
+    resolver.finish(tree.span)
+    assert resolver.base_model is not None
 
-    infos = checker.operands
-    first_key = next(iter(infos))
-    base_model = infos[first_key].base_model
-    for key, info in infos.items():
-        if info.base_model != base_model:
-            raise CompileError(
-                "base_mismatch",
-                f"{_display(*key)} is for base model {info.base_model!r}, but {_display(*first_key)} is for "
-                f"{base_model!r}; all operands must share a base model",
-                checker.spans[key],
-            )
-    for model, span in checker.base_pins:
-        if model != base_model:
-            raise CompileError(
-                "base_mismatch", f"base is pinned to {model!r}, but the operands are for {base_model!r}", span
-            )
-
-    warnings: list[str] = []
-    live = [(key, w) for key, w in value.weights.items() if w != 0.0]
-    if not live:
-        warnings.append("the expression cancels out: the result is an empty (all-zero) adapter")
-    operands = tuple(
-        PlannedOperand(
-            ref=_display(*key),
-            adapter=key[0],
-            version=key[1],
-            version_id=infos[key].version_id,
-            sha256=infos[key].sha256,
-            weight=weight,
-        )
-        for key, weight in live
-    )
-    index_of = {key: i for i, (key, _w) in enumerate(live)}
-
-    shapes: dict[str, tuple[int, int, tuple[str, int]]] = {}
-    for key, info in infos.items():
-        for module, row in info.modules.items():
-            out_f, in_f = int(row[0]), int(row[1])
-            seen = shapes.setdefault(module, (out_f, in_f, key))
-            if seen[:2] != (out_f, in_f):
-                raise CompileError(
-                    "shape_mismatch",
-                    f"module {module!r} is {out_f}x{in_f} in {_display(*key)} but {seen[0]}x{seen[1]} in "
-                    f"{_display(*seen[2])}; the adapters were trained on different architectures",
-                    checker.spans[key],
-                )
-
-    steps: list[ModuleStep] = []
-    truncated = 0
-    for module in sorted(shapes):
-        out_f, in_f, _ = shapes[module]
-        terms = tuple(
-            Term(
-                operand=index_of[key],
-                coefficient=weight * float(infos[key].modules[module][3]),
-                rank=int(infos[key].modules[module][2]),
-            )
-            for key, weight in live
-            if module in infos[key].modules
-        )
-        rank = sum(t.rank for t in terms)
-        cap = None
-        if rank > max_rank:
-            cap, truncated = max_rank, truncated + 1
-        steps.append(
-            ModuleStep(
-                module=module,
-                out_features=out_f,
-                in_features=in_f,
-                terms=terms,
-                rank=max(1, min(rank, max_rank)),
-                truncate_to=cap,
-            )
-        )
-    if truncated:
-        warnings.append(f"{truncated} module(s) exceed max_rank={max_rank}; they are truncated by SVD (not exact)")
-
-    dtypes = {info.dtype for info in infos.values()}
-    dtype = dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in _FLOAT_DTYPES else "F32"
-    task_types = {info.task_type for info in infos.values()}
+    # Operand indexes follow content, not spelling: sorted by (sha256, version id).
+    ordered = sorted(resolver.operands.values(), key=lambda r: (r.info.sha256, r.info.version_id))
+    notes = Notes(max_rank)
+    steps = _lower(root, resolver, ordered, notes)
+    warnings = notes.warnings()
+    if steps:
+        normalized = root.text
+        kept, steps = _drop_unused(ordered, steps)
+    else:
+        warnings.insert(0, CANCELLED if root.is_zero else ZERO_EVERYWHERE)
+        # Spelled with every operand, so that the normalised text compiles to these same (zero) modules.
+        normalized = " + ".join(f"0*{key.ref}" for key in sorted(resolver.operands, key=lambda k: k.ref))
+        steps = [
+            ModuleStep(module=m, out_features=o, in_features=i, path="factored", rank=1, program=LinearNode())
+            for m, (o, i, _k) in sorted(resolver.shapes.items())
+        ]
+        kept = []
+    described = kept or ordered
+    weights = operand_weights(root)
+    dtypes = {r.dtype for r in described}
+    task_types = {r.info.task_type for r in described}
     return MergePlan(
         expression=text,
-        normalized=normalize([(key[0], key[1], w) for key, w in live]),
-        base_model=base_model,
-        dtype=dtype,
+        normalized=normalized,
+        strategy=outermost_strategy(root),
+        base_model=resolver.base_model,
+        dtype=dtypes.pop() if len(dtypes) == 1 else "F32",
         task_type=task_types.pop() if len(task_types) == 1 else None,
-        operands=operands,
+        max_rank=max_rank,
+        operands=tuple(_planned(r, weights.get(r.key, 0.0)) for r in kept),
         steps=tuple(steps),
         warnings=tuple(warnings),
+        cost=estimate_cost(steps, [_ITEMSIZE[r.dtype] for r in kept]),
     )
+
+
+def _lower(root: Linear, resolver: Resolver, ordered: list[Resolved], notes: Notes) -> list[ModuleStep]:
+    """One step per module (sorted by name) where the expression is not zero."""
+    table = OperandTable((r.leaf, i, r.info.sha256, r.modules) for i, r in enumerate(ordered))
+    steps: list[ModuleStep] = []
+    for module in sorted(resolver.shapes):
+        out_f, in_f, _first = resolver.shapes[module]
+        lowered = ModuleLowering(module, out_f, in_f, table, notes).root(root)
+        if lowered is not None:
+            path: Literal["factored", "dense"] = "dense" if lowered.dense else "factored"
+            steps.append(
+                ModuleStep(
+                    module=module,
+                    out_features=out_f,
+                    in_features=in_f,
+                    path=path,
+                    rank=lowered.rank,
+                    program=lowered.program,
+                )
+            )
+    return steps
+
+
+def _drop_unused(ordered: list[Resolved], steps: list[ModuleStep]) -> tuple[list[Resolved], list[ModuleStep]]:
+    """The operands some program uses, and the steps renumbered to index only those."""
+    used = sorted({node.operand for step in steps for node in operand_nodes(step.program)})
+    kept = [ordered[i] for i in used]
+    if len(kept) == len(ordered):
+        return kept, steps
+    remap = {old: new for new, old in enumerate(used)}
+    return kept, [step.model_copy(update={"program": _reindex(step.program, remap)}) for step in steps]
+
+
+def _planned(resolved: Resolved, weight: float) -> PlannedOperand:
+    info = resolved.info
+    return PlannedOperand(
+        ref=resolved.key.ref,
+        adapter=info.adapter,
+        version=info.version,
+        version_id=info.version_id,
+        sha256=info.sha256,
+        weight=weight,
+    )
+
+
+def _reindex(node: Node, remap: Mapping[int, int]) -> Node:
+    """``node`` with operand indexes renumbered (after operands that cancelled everywhere were dropped)."""
+    if isinstance(node, OperandNode):
+        return node.model_copy(update={"operand": remap[node.operand]})
+    if isinstance(node, LinearNode):
+        return node.model_copy(update={"terms": tuple((c, _reindex(n, remap)) for c, n in node.terms)})
+    if isinstance(node, SvdNode | MagnitudePruneNode):
+        return node.model_copy(update={"input": _reindex(node.input, remap)})
+    if isinstance(node, OrthNode):
+        against = tuple(_reindex(a, remap) for a in node.against)
+        return node.model_copy(update={"input": _reindex(node.input, remap), "against": against})
+    assert isinstance(node, TiesNode | DareNode | DareTiesNode)
+    return node.model_copy(update={"inputs": tuple((w, _reindex(n, remap)) for w, n in node.inputs)})
