@@ -10,12 +10,13 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry import repositories as repo
-from registry.artifacts import ArtifactStore
+from registry.artifacts import ArtifactStore, sha256_file
 from registry.db import session_scope
 from registry.errors import GraftError, MergeFailed
 from registry.formats.peft import AdapterFacts, inspect_peft_folder
@@ -55,6 +56,7 @@ def run_merge_job(
     scratch = store.scratch_dir()
     created_key: str | None = None
     try:
+        _verify_operands(plan, paths)
         report = execute_plan(
             plan, paths, scratch / "out", device=pick_device(device), progress=progress, should_cancel=should_cancel
         )
@@ -71,6 +73,17 @@ def run_merge_job(
 
 
 RECORD_TRIES = 3
+
+
+def _verify_operands(plan: MergePlan, paths: list[Path]) -> None:
+    """The plan pins content hashes: refuse to merge from a stored file that no longer matches its hash."""
+    for operand, path in zip(plan.operands, paths, strict=True):
+        if not path.is_file():
+            raise MergeFailed(f"the stored artifact of {operand.ref} is missing ({path}); re-register it")
+        if sha256_file(path) != operand.sha256:
+            raise MergeFailed(
+                f"the stored artifact of {operand.ref} does not match its sha256 (corrupted on disk); re-register it"
+            )
 
 
 def _record(
@@ -104,8 +117,9 @@ def _record_failure(
     exc: BaseException,
     created_key: str | None,
 ) -> None:
-    code = exc.code if isinstance(exc, GraftError) else type(exc).__name__
-    message = exc.message if isinstance(exc, GraftError) else str(exc) or type(exc).__name__
+    # Unexpected exceptions get the stable code "merge_failed"; the class name stays in the message.
+    code = exc.code if isinstance(exc, GraftError) else MergeFailed.code
+    message = exc.message if isinstance(exc, GraftError) else f"{type(exc).__name__}: {exc}"
     with session_scope(session_factory) as session:
         if isinstance(exc, Cancelled):
             job = merges.load_job(session, job_id)

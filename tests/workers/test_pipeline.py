@@ -221,6 +221,23 @@ def test_truncated_operand_fails_the_job_and_leaves_nothing(sessions, store, set
         assert repo.get_adapter(session, "detox") is None
 
 
+def test_silently_corrupted_operand_is_refused_by_its_pinned_hash(sessions, store, settings, leaves):
+    """Same length, one flipped bit in the tensor data: only the pinned sha256 can tell."""
+    job_id = submit(sessions, settings, "code - toxic", "detox")
+    with sessions() as session:
+        path = store.path(session.get(AdapterVersion, leaves["toxic"]).artifact_key)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    before = snapshot(sessions, store)
+
+    with pytest.raises(MergeFailed, match="does not match its sha256"):
+        run_merge_job(job_id, session_factory=sessions, store=store)
+
+    job = assert_failed_cleanly(sessions, store, job_id, before)
+    assert job.error_code == "merge_failed"
+
+
 def test_failed_job_cannot_be_rerun(sessions, store, settings, leaves):
     job_id = submit(sessions, settings, "code - toxic", "detox")
     with sessions() as session:
