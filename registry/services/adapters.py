@@ -160,17 +160,19 @@ def describe_version(version: AdapterVersion) -> dict[str, Any]:
         "plan_hash": version.plan_hash,
         "tags": version.adapter.tags,
         "created_at": version.created_at.isoformat() if version.created_at else None,
-        # Where a version ingested from a Hub came from (issue 6): the revision asked for, pinned to a commit.
-        "hub_origin": (
-            {
-                "endpoint": version.hub_endpoint,
-                "repo_id": version.hub_repo,
-                "revision": version.hub_revision,
-                "commit": version.hub_commit,
-            }
-            if version.source == "hub"
-            else None
-        ),
+        "hub_origin": hub_origin(version),
+    }
+
+
+def hub_origin(version: AdapterVersion) -> dict[str, str | None] | None:
+    """Where a version ingested from a Hub came from: the revision asked for, pinned to a commit."""
+    if version.source != "hub":
+        return None
+    return {
+        "endpoint": version.hub_endpoint,
+        "repo_id": version.hub_repo,
+        "revision": version.hub_revision,
+        "commit": version.hub_commit,
     }
 
 

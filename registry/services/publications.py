@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from registry import repositories as repo
 from registry.errors import InvalidInput, NotFound
 from registry.models import AdapterVersion, Publication
+from registry.services.adapters import hub_origin
 from registry.settings import Settings
 
 STATUSES = ("pending", "published", "failed")
@@ -304,16 +305,7 @@ def build_bundle(session: Session, version: AdapterVersion, publication: Publica
     config = dict(version.peft_config)
     task_type = config.get("task_type")
     target = HubTarget(publication.endpoint, publication.repo_id, local=publication.endpoint.startswith("file://"))
-    origin = (
-        {
-            "endpoint": version.hub_endpoint,
-            "repo_id": version.hub_repo,
-            "revision": version.hub_revision,
-            "commit": version.hub_commit,
-        }
-        if version.source == "hub"
-        else None
-    )
+    origin = hub_origin(version)
     return PublishBundle(
         publication_id=publication.id,
         version_id=version.id,
