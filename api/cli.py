@@ -401,6 +401,47 @@ def lineage(ref: Annotated[str, typer.Argument(help="NAME or NAME@V.")], as_json
 
 
 @app.command()
+def analyze(
+    refs: Annotated[list[str], typer.Argument(help="Adapters to compare: NAME or NAME@V, one or more.")],
+    conflicts: Annotated[
+        float | None, typer.Option("--conflicts", help="Also the sign-conflict rate TIES would see at this density.")
+    ] = None,
+    top: Annotated[int, typer.Option("--top", help="Modules to list, most aligned (|cosine|) first.")] = 5,
+    as_json: JsonFlag = False,
+) -> None:
+    """Compare adapters before merging: norms, cosine similarity of their ΔW, effective rank."""
+    from workers.analyze import analyze_versions
+
+    def body() -> None:
+        runtime = build_runtime()
+        report = analyze_versions(
+            refs, session_factory=runtime.sessions, store=runtime.store, conflict_density=conflicts
+        )
+        if as_json:
+            _print_json(report)
+            return
+        labels = report["operands"]
+        table = Table("overall cosine", *labels)
+        for label, row in zip(labels, report["overall"]["cosines"], strict=True):
+            table.add_row(label, *(f"{c:+.3f}" for c in row))
+        out.print(table)
+        norms = ", ".join(f"{lab} {n:.4g}" for lab, n in zip(labels, report["overall"]["norms"], strict=True))
+        out.print(f"ΔW norms: {norms}  ({report['shared_modules']} shared modules)", highlight=False)
+        if "sign_conflict_rate" in report["overall"]:
+            out.print(f"sign conflicts at density {conflicts:g}: {report['overall']['sign_conflict_rate']:.1%}")
+        if len(labels) >= 2 and report["modules"]:
+
+            def alignment(row: dict[str, Any]) -> float:
+                cos: list[list[float]] = row["cosines"]
+                return max(abs(cos[i][j]) for i in range(len(cos)) for j in range(len(cos)) if i != j)
+
+            for row in sorted(report["modules"], key=alignment, reverse=True)[:top]:
+                out.print(f"  {alignment(row):.3f}  {row['module']}", highlight=False)
+
+    _guard(body)
+
+
+@app.command()
 def export(
     ref: Annotated[str, typer.Argument(help="NAME or NAME@V.")],
     directory: Annotated[Path, typer.Argument(help="Folder to write the PEFT adapter into.")],
