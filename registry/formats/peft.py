@@ -202,13 +202,9 @@ def inspect_peft_folder(folder: Path, base_model_override: str | None = None) ->
             raise InvalidAdapter(f"tensor {info.name!r} has {bad} NaN/Inf value(s); the adapter is corrupt")
 
     dtypes = {info.dtype for info in header.tensors.values()}
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        target_list = [targets]
-    elif isinstance(targets, list):
-        target_list = [str(t) for t in targets]
-    else:
-        target_list = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    # The module kinds present (q_proj, v_proj, …), read off the tensors: configs may name targets as a regex,
+    # "all-linear" or full paths, and what the file holds is what counts.
+    target_list = sorted({m.rsplit(".", 1)[-1] for m in modules})
     revision = config.get("revision")
     return AdapterFacts(
         base_model=base_model,
