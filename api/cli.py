@@ -319,6 +319,9 @@ def merge(
         with _session(runtime) as session:
             info = describe_version(repo.get_versions_by_ids(session, [outcome.version_id])[outcome.version_id])
         total = time.perf_counter() - started
+        for warning in outcome.warnings:
+            err.print(f"[yellow]warning:[/] {warning}")
+        energy = "" if outcome.retained_energy is None else f"retained energy {outcome.retained_energy:.1%}, "
         published, failure = _publish_after_merge(runtime, outcome.version_id, repo_id) if publish else (None, None)
         if as_json:
             _print_json(
@@ -326,7 +329,8 @@ def merge(
                     "version": info,
                     "job_id": job_id,
                     "plan_hash": compiled.hash(),
-                    "warnings": list(compiled.warnings),
+                    "warnings": [*compiled.warnings, *outcome.warnings],
+                    "retained_energy": outcome.retained_energy,
                     "timings": {
                         "compile_seconds": compile_seconds,
                         "engine_seconds": outcome.engine_seconds,
@@ -338,7 +342,7 @@ def merge(
         else:
             out.print(
                 f"merged [bold]{info['ref']}[/] = {compiled.normalized}  "
-                f"(rank {info['rank']}, {info['modules']} modules, engine {outcome.engine_seconds:.3f}s)",
+                f"(rank {info['rank']}, {info['modules']} modules, {energy}engine {outcome.engine_seconds:.3f}s)",
                 highlight=False,
             )
             if published is not None and failure is None:

@@ -183,6 +183,9 @@ class JobOut(_Out):
     result_version_id: int | None
     reused_from: str | None = Field(description="The earlier job whose result answered this one.")
     engine_seconds: float | None
+    retained_energy: float | None = Field(
+        description="Share of the exact result's energy the output keeps (1.0 when exact); set once succeeded."
+    )
     created_at: dt.datetime | None
     updated_at: dt.datetime | None
 
@@ -200,12 +203,13 @@ class JobOut(_Out):
             progress=ProgressOut(done=job.progress_done, total=job.progress_total),
             attempts=job.attempts,
             cancel_requested=job.cancel_requested,
-            warnings=list(job.plan.get("warnings", [])),
+            warnings=[*job.plan.get("warnings", []), *(job.run_warnings or [])],
             error=error,
             result=result,
             result_version_id=job.result_version_id,
             reused_from=job.reused_from,
             engine_seconds=job.engine_seconds,
+            retained_energy=job.retained_energy,
             created_at=job.created_at,
             updated_at=job.updated_at,
         )

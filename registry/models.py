@@ -143,6 +143,10 @@ class MergeJob(Base):
     error_code: Mapped[str | None] = mapped_column(String(60), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     engine_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # What the run itself found: the share of the exact result's energy kept by re-factoring/truncation
+    # (1.0 when exact) and warnings such as low retained energy. The plan's own warnings stay in ``plan``.
+    retained_energy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    run_warnings: Mapped[list[str]] = mapped_column(JsonType, default=list, server_default="[]")
     result_version_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"), nullable=True, index=True)
     # The service (issue 5): a retried submission with the same key gets this job back; a cancel asked of a
     # running job is honoured between modules; a job answered from an earlier one names it.

@@ -22,7 +22,7 @@ from registry.errors import GraftError, MergeFailed
 from registry.formats.peft import AdapterFacts, inspect_peft_folder
 from registry.services import merges
 from workers.compiler.plan import MergePlan
-from workers.engine.executor import Cancelled, Progress, execute_plan, pick_device
+from workers.engine.executor import Cancelled, ExecutionReport, Progress, execute_plan, pick_device
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class JobOutcome:
     version_id: int
     engine_seconds: float
     reused: bool
+    retained_energy: float | None = None
+    warnings: tuple[str, ...] = ()
 
 
 def run_merge_job(
@@ -46,7 +48,14 @@ def run_merge_job(
     with session_scope(session_factory) as session:
         job = merges.start_attempt(session, job_id)
         if job.status == "succeeded" and job.result_version_id is not None:
-            return JobOutcome(job_id, job.result_version_id, job.engine_seconds or 0.0, reused=True)
+            return JobOutcome(
+                job_id,
+                job.result_version_id,
+                job.engine_seconds or 0.0,
+                reused=True,
+                retained_energy=job.retained_energy,
+                warnings=tuple(job.run_warnings or ()),
+            )
         if job.status != "running":
             raise MergeFailed(f"job {job_id} is {job.status}; it cannot run again")
         plan = MergePlan.model_validate(job.plan)
@@ -63,8 +72,15 @@ def run_merge_job(
         facts = inspect_peft_folder(scratch / "out")
         sha, key, created = store.put_file(report.weights_path)
         created_key = key if created else None
-        version_id = _record(session_factory, job_id, facts, sha, key, report.seconds)
-        return JobOutcome(job_id, version_id, report.seconds, reused=False)
+        version_id = _record(session_factory, job_id, facts, sha, key, report)
+        return JobOutcome(
+            job_id,
+            version_id,
+            report.seconds,
+            reused=False,
+            retained_energy=report.retained_energy,
+            warnings=report.warnings,
+        )
     except BaseException as exc:
         _record_failure(session_factory, store, job_id, exc, created_key)
         raise
@@ -92,14 +108,21 @@ def _record(
     facts: AdapterFacts,
     sha256: str,
     key: str,
-    seconds: float,
+    report: ExecutionReport,
 ) -> int:
     """Record the result in one transaction; retried when a concurrent result created the same adapter first."""
     for attempt in range(1, RECORD_TRIES + 1):
         try:
             with session_scope(session_factory) as session:
                 job = merges.record_result(
-                    session, job_id, facts, sha256=sha256, artifact_key=key, engine_seconds=seconds
+                    session,
+                    job_id,
+                    facts,
+                    sha256=sha256,
+                    artifact_key=key,
+                    engine_seconds=report.seconds,
+                    retained_energy=report.retained_energy,
+                    warnings=report.warnings,
                 )
                 version_id = job.result_version_id
             assert version_id is not None

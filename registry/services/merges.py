@@ -64,6 +64,8 @@ def record_result(
     sha256: str,
     artifact_key: str,
     engine_seconds: float,
+    retained_energy: float | None = None,
+    warnings: tuple[str, ...] = (),
 ) -> MergeJob:
     """Write the merged version, one lineage edge per operand, and mark the job succeeded.
 
@@ -105,6 +107,8 @@ def record_result(
     job.result_version_id = version.id
     job.progress_done = job.progress_total
     job.engine_seconds = engine_seconds
+    job.retained_energy = retained_energy
+    job.run_warnings = list(warnings)
     session.flush()
     return job
 

@@ -276,10 +276,10 @@ def plan_parameters(plan: dict[str, Any]) -> dict[str, Any]:
     return {k: v[0] if len(v) == 1 else sorted(v, key=str) for k, v in sorted(values.items())}
 
 
-def _retained_energy(plan: dict[str, Any] | None) -> float | None:
+def _retained_energy(plan: dict[str, Any] | None, recorded_energy: float | None) -> float | None:
     """Known retained energy: 1.0 for an exact merge (only linear combinations, no rank truncation).
 
-    Otherwise the plan's recorded value when there is one, else unknown (the engine reports it per run).
+    Otherwise what the run recorded on its job, else unknown.
     """
     if plan is None:
         return None
@@ -291,8 +291,7 @@ def _retained_energy(plan: dict[str, Any] | None) -> float | None:
     )
     if exact:
         return 1.0
-    recorded = plan.get("retained_energy")
-    return float(recorded) if isinstance(recorded, (int, float)) else None
+    return recorded_energy
 
 
 def build_bundle(session: Session, version: AdapterVersion, publication: Publication) -> PublishBundle:
@@ -341,7 +340,7 @@ def build_bundle(session: Session, version: AdapterVersion, publication: Publica
             for e in edges
         ),
         hub_origin=origin,
-        retained_energy=_retained_energy(plan),
+        retained_energy=_retained_energy(plan, job.retained_energy if job is not None else None),
         warnings=tuple(str(w) for w in (plan or {}).get("warnings", [])),
     )
 

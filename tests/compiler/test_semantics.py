@@ -28,8 +28,9 @@ from registry.services import merges
 from tests.compiler.conftest import ATTN_MODULES, Registry, build_registry
 from workers.compiler import MergePlan, compile_expression
 from workers.compiler import ast as A
+from workers.compiler.functions import FUNCTIONS
 from workers.compiler.parser import parse
-from workers.engine.executor import NotExecutable
+from workers.engine.executor import check_executable
 from workers.pipeline import run_merge_job
 
 ADAPTERS: list[tuple[str, str, dict[str, object]]] = [
@@ -259,11 +260,20 @@ def test_a_cancelled_expression_gives_zero_modules(semantic_registry: Registry) 
     assert all(torch.count_nonzero(delta) == 0 for delta in result.values())
 
 
-def test_dense_strategies_are_refused_by_the_executor_before_anything_runs(semantic_registry: Registry) -> None:
+def test_every_function_in_the_table_lowers_to_programs_the_executor_runs(semantic_registry: Registry) -> None:
+    """The compiler/engine contract: one example per table entry, each accepted by the executor's kind check."""
+    examples = [
+        "ties(code, math, density=0.5)",
+        "dare(code, math, density=0.5, seed=3)",
+        "dare_ties(code, math, density=0.5, seed=3)",
+        "magnitude_prune(code, density=0.5)",
+        "svd(code + math, rank=4)",
+        "lerp(code, math, 0.3)",
+        'select(code, layers="0")',
+        "orth(code, against=(math,))",
+    ]
+    assert {e.split("(")[0] for e in examples} == set(FUNCTIONS), "add an example for every new function"
     with session_scope(semantic_registry.sessions) as session:
-        plan = compile_expression("ties(code, math, density=0.5)", RegistryCatalog(session))
-        job_id = merges.create_job(session, "ties", "refused", [], plan.model_dump(mode="json"), plan.hash()).id
-    with pytest.raises(NotExecutable, match="strategy 'ties' is not executable yet"):
-        run_merge_job(job_id, session_factory=semantic_registry.sessions, store=semantic_registry.store, device="cpu")
-    with session_scope(semantic_registry.sessions) as session:
-        assert repo.get_adapter(session, "refused") is None
+        catalog = RegistryCatalog(session)
+        for expression in examples:
+            check_executable(compile_expression(expression, catalog))

@@ -146,6 +146,19 @@ def test_merge_end_to_end(sessions, store, settings, leaves):
     assert scratch_leftovers(store) == []
 
 
+def test_the_job_records_retained_energy_and_run_warnings(sessions, store, settings, leaves):
+    exact = run_merge_job(submit(sessions, settings, "code - toxic", "exact"), session_factory=sessions, store=store)
+    assert exact.retained_energy == 1.0 and exact.warnings == ()
+    job_id = submit(sessions, settings, "ties(code, toxic, density=0.5, rank=1)", "lossy")
+    lossy = run_merge_job(job_id, session_factory=sessions, store=store)
+    job = load_job(sessions, job_id)
+    assert job.retained_energy == pytest.approx(lossy.retained_energy)
+    assert 0.0 < job.retained_energy < 0.5
+    assert job.run_warnings and "energy" in job.run_warnings[0]
+    again = run_merge_job(job_id, session_factory=sessions, store=store)
+    assert again.reused and again.retained_energy == job.retained_energy and again.warnings == tuple(job.run_warnings)
+
+
 def test_scalars_become_edge_coefficients(sessions, store, settings, leaves):
     job_id = submit(sessions, settings, "0.7*code + toxic/4 - 0.2*code", "mix")
     outcome = run_merge_job(job_id, session_factory=sessions, store=store)
