@@ -224,6 +224,15 @@ def test_low_energy_warning_threshold_is_exposed() -> None:
 # -- keyed randomness ---------------------------------------------------------------------------------------
 
 
+def test_chunked_masks_fill_under_the_executors_inference_mode() -> None:
+    """Regression: pool threads do not inherit inference mode; a large mask used to fail inside the executor."""
+    shape = (3, MASK_CHUNK // 2 + 5)
+    expected = dare_keep_mask(shape, 0.3, seed=5, module="m", index=1, threads=1)
+    with torch.inference_mode():
+        threaded = dare_keep_mask(shape, 0.3, seed=5, module="m", index=1, threads=2)
+    assert torch.equal(threaded, expected)
+
+
 def test_stable_seed_and_masks_are_pinned() -> None:
     """Changing the hash, the key layout or the chunking changes every DARE mask ever produced: these values
     must never move (a deliberate change bumps ``DARE_RNG_VERSION`` and this test)."""

@@ -78,12 +78,16 @@ def dare_keep_mask(
         return torch.zeros(tuple(shape), dtype=torch.bool, device=device)
     mask = torch.empty(numel, dtype=torch.bool)
     chunks = range((numel + MASK_CHUNK - 1) // MASK_CHUNK)
+    # Inference mode is thread-local: pool threads must re-enter the caller's mode, or filling a mask
+    # allocated under the executor's inference_mode is refused as an in-place update of an inference tensor.
+    inference = torch.is_inference_mode_enabled()
 
     def fill(chunk: int) -> None:
         start = chunk * MASK_CHUNK
         stop = min(start + MASK_CHUNK, numel)
-        uniform = torch.rand(stop - start, generator=dare_generator(seed, module, index, chunk))
-        torch.lt(uniform, density, out=mask[start:stop])
+        with torch.inference_mode(inference):
+            uniform = torch.rand(stop - start, generator=dare_generator(seed, module, index, chunk))
+            torch.lt(uniform, density, out=mask[start:stop])
 
     workers = min(len(chunks), threads or os.cpu_count() or 1)
     if workers <= 1:
