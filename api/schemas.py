@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from registry.models import AdapterVersion, MergeJob
+from registry.models import AdapterVersion, MergeJob, Publication
 from registry.services.adapters import describe_version
 
 
@@ -153,7 +153,8 @@ class MergeRequest(BaseModel):
     expression: str = Field(min_length=1, max_length=10_000, examples=["base + code - toxic"])
     name: str = Field(min_length=1, max_length=200, description="Adapter that receives the result.")
     tags: list[str] = Field(default_factory=list, max_length=50)
-    publish: bool = Field(default=False, description="Publish the result to the Hub (not available yet).")
+    publish: bool = Field(default=False, description="Publish the result to the Hub once it is recorded.")
+    repo: str | None = Field(default=None, max_length=300, description="Hub repo for publish (ORG/NAME).")
     force: bool = Field(default=False, description="Run even when the same plan already produced a result.")
 
 
@@ -165,6 +166,73 @@ class ProgressOut(_Out):
 class JobError(_Out):
     code: str
     message: str
+
+
+# -- publishing and Hub ingest ---------------------------------------------------------------------------
+
+HUB_REPO_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
+
+
+class PublishRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    repo: str | None = Field(
+        default=None, max_length=300, description="Hub repo (ORG/NAME); default {namespace}/{adapter name}."
+    )
+
+
+class HubIngestRequest(BaseModel):
+    """``POST /v1/adapters`` with a JSON body: register an adapter from the Hub instead of uploading it."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200, description="Adapter name; ingesting again adds a version.")
+    hub_repo: str = Field(min_length=1, max_length=300, pattern=HUB_REPO_PATTERN, examples=["org/code-lora"])
+    revision: str = Field(default="main", min_length=1, max_length=200, description="Branch, tag or commit.")
+    subfolder: str | None = Field(default=None, max_length=300, description="The adapter's folder in the repo.")
+    tags: list[str] = Field(default_factory=list, max_length=50)
+    description: str = Field(default="", max_length=10_000)
+    base_model: str | None = Field(default=None, max_length=300, description="Override base_model_name_or_path.")
+
+    @property
+    def uri(self) -> str:
+        folder = f"/{self.subfolder.strip('/')}" if self.subfolder else ""
+        return f"hf://{self.hub_repo}{folder}@{self.revision}"
+
+
+class PublicationOut(_Out):
+    id: int
+    ref: str
+    version_id: int
+    status: Literal["pending", "published", "failed"]
+    endpoint: str
+    repo: str
+    tag: str
+    commit: str | None
+    url: str | None
+    attempts: int
+    error: JobError | None
+    published_at: dt.datetime | None
+
+    @classmethod
+    def of(cls, publication: Publication, ref: str) -> PublicationOut:
+        error = (
+            JobError(code=publication.error_code, message=publication.error_message or "")
+            if publication.error_code
+            else None
+        )
+        return cls(
+            id=publication.id,
+            ref=ref,
+            version_id=publication.version_id,
+            status=publication.status,  # type: ignore[arg-type]
+            endpoint=publication.endpoint,
+            repo=publication.repo_id,
+            tag=publication.tag,
+            commit=publication.commit_oid,
+            url=publication.url,
+            attempts=publication.attempts,
+            error=error,
+            published_at=publication.published_at,
+        )
 
 
 class JobOut(_Out):

@@ -6,6 +6,7 @@ A task is safe to deliver twice (:func:`workers.jobs.execute_job` is idempotent)
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -14,9 +15,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from registry.artifacts import ArtifactStore
 from registry.db import make_engine, make_session_factory
+from registry.errors import GraftError, HubUnavailable
 from registry.settings import Settings, load_settings
-from workers.celery_app import RUN_MERGE
+from workers.celery_app import PUBLISH, RUN_MERGE
 from workers.jobs import execute_job
+from workers.publisher import publish_version as publish_to_hub
+
+log = logging.getLogger("graft.tasks")
+# The publisher already retries 5xx/timeouts with backoff within one run; when every try failed
+# (``hub_unavailable``) the task is retried later, a few times, with a longer backoff of its own.
+PUBLISH_TASK_RETRIES = 3
+PUBLISH_TASK_BACKOFF_SECONDS = 60
+PUBLISH_TASK_BACKOFF_MAX_SECONDS = 900
 
 
 @dataclass(frozen=True)
@@ -43,8 +53,12 @@ def worker_runtime() -> WorkerRuntime:
 
 
 @shared_task(name=RUN_MERGE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)  # type: ignore[untyped-decorator]
-def run_merge(job_id: str) -> dict[str, object]:
-    """Run the merge job ``job_id`` (a no-op for a job that already finished)."""
+def run_merge(job_id: str, publish: bool = False, repo_id: str | None = None) -> dict[str, object]:
+    """Run the merge job ``job_id`` (a no-op for a job that already finished).
+
+    With ``publish``, a succeeded job's result version is then sent to ``graft.publish`` on the publish queue
+    (also when the job had already succeeded: a redelivered message must not lose the publication).
+    """
     runtime = worker_runtime()
     result = execute_job(
         job_id,
@@ -52,4 +66,41 @@ def run_merge(job_id: str) -> dict[str, object]:
         store=runtime.store,
         progress_interval=runtime.settings.progress_interval_seconds,
     )
+    if publish and result.status == "succeeded" and result.version_id is not None:
+        publish_version.apply_async(
+            args=[result.version_id], kwargs={"repo_id": repo_id}, queue=runtime.settings.publish_queue
+        )
     return result.as_dict()
+
+
+@shared_task(  # type: ignore[untyped-decorator]
+    name=PUBLISH,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    autoretry_for=(HubUnavailable,),
+    max_retries=PUBLISH_TASK_RETRIES,
+    retry_backoff=PUBLISH_TASK_BACKOFF_SECONDS,
+    retry_backoff_max=PUBLISH_TASK_BACKOFF_MAX_SECONDS,
+    retry_jitter=True,
+)
+def publish_version(version_id: int, repo_id: str | None = None) -> dict[str, object]:
+    """Publish version ``version_id`` (idempotent: a published version is reported as such).
+
+    Failures are recorded on the publication row by the publisher; only ``hub_unavailable`` is retried.
+    """
+    runtime = worker_runtime()
+    try:
+        outcome = publish_to_hub(
+            version_id,
+            session_factory=runtime.sessions,
+            store=runtime.store,
+            settings=runtime.settings,
+            repo_id=repo_id,
+        )
+    except HubUnavailable:
+        raise
+    except GraftError as exc:
+        log.error("publishing version %s failed: %s: %s", version_id, exc.code, exc.message)
+        return {"version_id": version_id, "status": "failed", "error": exc.code}
+    return dict(outcome.as_dict())

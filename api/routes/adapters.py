@@ -6,15 +6,30 @@ import hashlib
 import json
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Header, Query, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
+from pydantic import ValidationError
 
 from api.deps import Reader, State, UoW, Writer
-from api.schemas import AdapterDetail, AdapterOut, AdapterPage, LineageGraph, UploadOut, VersionOut
+from api.dispatch import PublishDispatcher, enqueue_publish_or_fail
+from api.schemas import (
+    AdapterDetail,
+    AdapterOut,
+    AdapterPage,
+    HubIngestRequest,
+    LineageGraph,
+    PublicationOut,
+    PublishRequest,
+    UploadOut,
+    VersionOut,
+)
 from api.uploads import staged_folder
-from registry.errors import FileNotFound
+from registry import repositories as repo
+from registry.errors import FileNotFound, NotFound, NotSupported
 from registry.formats.peft import CONFIG_FILE, WEIGHTS_FILE
 from registry.services import adapters as service
+from registry.services import publications as pubs
 from registry.services.lineage import lineage_graph
 
 router = APIRouter(tags=["adapters"])
@@ -23,10 +38,24 @@ VersionParam = Annotated[str, "a version number, vN or latest"]
 IMMUTABLE = "public, max-age=31536000, immutable"
 
 
+async def hub_ingest_body(request: Request) -> HubIngestRequest | None:
+    """A JSON body (``{name, hub_repo, revision}``) asks for a Hub ingest; multipart is an upload (None)."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        return None
+    try:
+        return HubIngestRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+
+
 @router.post(
     "/adapters",
     status_code=201,
-    summary="Upload a PEFT LoRA folder's files as a new version",
+    summary="Upload a PEFT LoRA folder's files as a new version, or ingest one from the Hub",
+    openapi_extra={
+        "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/HubIngestRequest"}}}}
+    },
     responses={200: {"model": UploadOut, "description": "Identical to the latest version; nothing added."}},
 )
 def upload_adapter(
@@ -34,13 +63,32 @@ def upload_adapter(
     state: State,
     _who: Writer,
     response: Response,
-    name: Annotated[str, Form(max_length=200, description="Adapter name; uploading again adds a version.")],
-    files: Annotated[list[UploadFile], File(description="adapter_config.json and adapter_model.safetensors.")],
+    hub: Annotated[HubIngestRequest | None, Depends(hub_ingest_body)],
+    name: Annotated[
+        str | None, Form(max_length=200, description="Adapter name; uploading again adds a version.")
+    ] = None,
+    files: Annotated[
+        list[UploadFile] | None, File(description="adapter_config.json and adapter_model.safetensors.")
+    ] = None,
     tags: Annotated[str, Form(max_length=2000, description="Comma-separated task tags.")] = "",
     description: Annotated[str, Form(max_length=10_000)] = "",
     base_model: Annotated[str | None, Form(max_length=300, description="Override base_model_name_or_path.")] = None,
 ) -> UploadOut:
-    """Validated exactly like ``graft register``: pickles, incomplete factors, bad shapes, NaN/Inf are refused."""
+    """Validated exactly like ``graft register``: pickles, incomplete factors, bad shapes, NaN/Inf are refused.
+
+    With a JSON body ``{"name", "hub_repo", "revision"}`` the adapter files are downloaded from the configured
+    Hub instead (only ``adapter_config.json`` and ``adapter_model.safetensors``), pinned to the commit the
+    revision resolves to, and validated the same way. Hub errors: ``hub_not_found`` (404), ``invalid_adapter``
+    (422), ``hub_error``/``hub_auth_failed`` (502), ``hub_unavailable`` (503).
+    """
+    if hub is not None:
+        return _ingest(uow, state, response, hub)
+    missing = [field for field, value in (("name", name), ("files", files)) if not value]
+    if missing:
+        raise RequestValidationError(
+            [{"loc": ("body", field), "msg": "Field required", "type": "missing"} for field in missing]
+        )
+    assert name is not None and files is not None
     tag_list = [t.strip() for t in tags.split(",") if t.strip()]
     with staged_folder(state.runtime.store, files, state.settings.max_upload_bytes) as folder:
         result = service.register_folder(
@@ -55,6 +103,25 @@ def upload_adapter(
     if not result.created:
         response.status_code = 200
     return UploadOut(version=VersionOut.of(result.version), created=result.created)
+
+
+def _ingest(uow: UoW, state: State, response: Response, body: HubIngestRequest) -> UploadOut:
+    from workers.hub_ingest import ingest_from_hub  # the Hub client, loaded only when ingesting
+
+    outcome = ingest_from_hub(
+        body.uri,
+        body.name,
+        session_factory=state.runtime.sessions,
+        store=state.runtime.store,
+        settings=state.settings,
+        tags=body.tags,
+        description=body.description,
+        base_model=body.base_model,
+    )
+    version = service.resolve_version(uow.session, str(outcome.version["ref"]))
+    if not outcome.created:
+        response.status_code = 200
+    return UploadOut(version=VersionOut.of(version), created=outcome.created)
 
 
 @router.get("/adapters", summary="Find adapters")
@@ -141,6 +208,59 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
         return False
     candidates = {c.strip().removeprefix("W/") for c in if_none_match.split(",")}
     return "*" in candidates or etag in candidates
+
+
+@router.post(
+    "/adapters/{name:path}/versions/{version}/publish",
+    status_code=202,
+    summary="Publish a version to the Hub (one commit tagged vN)",
+    responses={200: {"model": PublicationOut, "description": "Already published; nothing to do."}},
+)
+def publish_version(
+    uow: UoW,
+    state: State,
+    _who: Writer,
+    response: Response,
+    name: str,
+    version: VersionParam,
+    body: PublishRequest | None = None,
+) -> PublicationOut:
+    """Idempotent: a published version answers 200 with its publication; otherwise the publication is queued
+    (202, status ``pending``) and runs on the ``publish`` queue (or in this process without a broker); a failed
+    one is retried. Follow it with ``GET`` on the same path."""
+    found = service.resolve_version(uow.session, f"{name}@{version}")
+    dispatcher = state.dispatcher
+    if not isinstance(dispatcher, PublishDispatcher):
+        raise NotSupported("this deployment's job dispatcher cannot publish; use `graft publish`")
+    repo_id = body.repo if body is not None else None
+    target = pubs.hub_target(state.settings, found.adapter.name, repo_id)
+    publication = pubs.prepare_publication(uow.session, found, target)
+    if publication.status == "published":
+        response.status_code = 200
+    else:
+        version_id, publication_id = found.id, publication.id
+        uow.after_commit(
+            lambda: enqueue_publish_or_fail(dispatcher, state.runtime, version_id, repo_id, publication_id)
+        )
+    return PublicationOut.of(publication, found.ref)
+
+
+@router.get("/adapters/{name:path}/versions/{version}/publish", summary="Where a version is published, and how")
+def get_publication(
+    uow: UoW,
+    state: State,
+    _who: Reader,
+    name: str,
+    version: VersionParam,
+    repo_id: Annotated[str | None, Query(alias="repo", max_length=300, description="Hub repo (ORG/NAME).")] = None,
+) -> PublicationOut:
+    """The publication of this version on the configured Hub (status pending, published or failed)."""
+    found = service.resolve_version(uow.session, f"{name}@{version}")
+    target = pubs.hub_target(state.settings, found.adapter.name, repo_id)
+    publication = repo.get_publication(uow.session, found.id, target.endpoint, target.repo_id)
+    if publication is None:
+        raise NotFound(f"{found.ref} has not been published to {target.label}")
+    return PublicationOut.of(publication, found.ref)
 
 
 @router.get("/adapters/{name:path}/versions/{version}/lineage", summary="Lineage graph around a version")

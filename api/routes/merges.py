@@ -7,12 +7,13 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Response
 
 from api.deps import Reader, State, UoW, Writer
-from api.dispatch import enqueue_or_fail
+from api.dispatch import PublishDispatcher, enqueue_or_fail, enqueue_publish_or_fail
 from api.merges import plan_expression, submit
 from api.schemas import JobOut, JobPage, MergeRequest, PlannedOperandOut, PlanOut, PlanRequest
 from registry import repositories as repo
 from registry.errors import JobNotFound, NotSupported
 from registry.services import merges as service
+from registry.services import publications as pubs
 
 router = APIRouter(tags=["merges"])
 
@@ -56,9 +57,16 @@ def create_merge(
     """Compiles now, runs on a worker. The job id is queued only after the job row is committed.
 
     A plan that already ran into the same adapter is answered at once by a succeeded job (unless ``force``).
+    With ``publish``, the result version is published to the Hub once recorded (see the job's ``result``, then
+    ``GET /v1/adapters/{name}/versions/{v}/publish``).
     """
+    publisher: PublishDispatcher | None = None
     if body.publish:
-        raise NotSupported("publishing from the API is not available yet; publish the result version separately")
+        if not isinstance(state.dispatcher, PublishDispatcher):
+            raise NotSupported("this deployment's job dispatcher cannot publish; publish the result version separately")
+        publisher = state.dispatcher
+        if body.repo is not None:
+            pubs.check_repo_id(body.repo)
     submission = submit(
         uow.session,
         state.settings,
@@ -70,7 +78,16 @@ def create_merge(
     )
     job_id = submission.job.id
     if submission.must_run:
-        uow.after_commit(lambda: enqueue_or_fail(state.dispatcher, state.runtime.sessions, job_id))
+        publish = (publisher, body.repo, state.runtime) if publisher is not None else None
+        uow.after_commit(lambda: enqueue_or_fail(state.dispatcher, state.runtime.sessions, job_id, publish=publish))
+    elif publisher is not None and not submission.replayed and submission.job.result_version is not None:
+        # Answered by an earlier job's result: publish that version (idempotent if it already is).
+        version = submission.job.result_version
+        target = pubs.hub_target(state.settings, version.adapter.name, body.repo)
+        publication = pubs.prepare_publication(uow.session, version, target)
+        if publication.status != "published":
+            version_id, publication_id, p = version.id, publication.id, publisher
+            uow.after_commit(lambda: enqueue_publish_or_fail(p, state.runtime, version_id, body.repo, publication_id))
     response.headers["Location"] = f"/v1/merges/{job_id}"
     if submission.replayed:
         response.headers["Idempotent-Replayed"] = "true"

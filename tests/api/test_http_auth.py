@@ -24,7 +24,12 @@ def write_routes(api: Api) -> list[str]:
 
 def test_every_write_route_needs_a_write_token(api: Api) -> None:
     routes = write_routes(api)
-    assert set(routes) == {"/v1/adapters", "/v1/merges", "/v1/merges/some-job/cancel"}
+    assert set(routes) == {
+        "/v1/adapters",
+        "/v1/adapters/{name}/versions/{version}/publish",
+        "/v1/merges",
+        "/v1/merges/some-job/cancel",
+    }
     for path in routes:
         response = api.client.post(path, json={})
         error = assert_error(response, 401, "unauthenticated")

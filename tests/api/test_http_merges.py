@@ -124,7 +124,6 @@ def test_bad_submissions_are_4xx_never_500(api: Api, leaves: None) -> None:
     assert_error(api.merge("code + ghost", "x"), 422, "unknown_adapter")
     assert_error(api.merge("code", "bad name!"), 422, "invalid_input")
     assert_error(api.merge("code", "x", tags=["no spaces"]), 422, "invalid_input")
-    assert_error(api.merge("code", "x", publish=True), 422, "not_supported")
     assert_error(api.merge("code", "x", extra=1), 422, "invalid_request")
     response = api.client.post("/v1/merges", json={"expression": 5, "name": []}, headers=api.auth())
     error = assert_error(response, 422, "invalid_request")
