@@ -15,7 +15,7 @@ from workers.compiler.catalog import Catalog
 from workers.compiler.check import Checker
 from workers.compiler.cost import estimate_cost
 from workers.compiler.errors import CompileError, Span
-from workers.compiler.lower import ModuleLowering, Notes, OperandTable
+from workers.compiler.lower import ModuleLowering, Notes, OperandTable, ProgramMemo
 from workers.compiler.parser import parse
 from workers.compiler.plan import (
     DareNode,
@@ -102,10 +102,12 @@ def _compile(text: str, catalog: Catalog, max_rank: int) -> MergePlan:
 def _lower(root: Linear, resolver: Resolver, ordered: list[Resolved], notes: Notes) -> list[ModuleStep]:
     """One step per module (sorted by name) where the expression is not zero."""
     table = OperandTable((r.leaf, i, r.info.sha256, r.modules) for i, r in enumerate(ordered))
+    modules = sorted(resolver.shapes)
+    memo = ProgramMemo(root, table, modules)
     steps: list[ModuleStep] = []
-    for module in sorted(resolver.shapes):
+    for module in modules:
         out_f, in_f, _first = resolver.shapes[module]
-        lowered = ModuleLowering(module, out_f, in_f, table, notes).root(root)
+        lowered = memo.lower(ModuleLowering(module, out_f, in_f, table, notes), root)
         if lowered is not None:
             path: Literal["factored", "dense"] = "dense" if lowered.dense else "factored"
             steps.append(
@@ -123,12 +125,14 @@ def _lower(root: Linear, resolver: Resolver, ordered: list[Resolved], notes: Not
 
 def _drop_unused(ordered: list[Resolved], steps: list[ModuleStep]) -> tuple[list[Resolved], list[ModuleStep]]:
     """The operands some program uses, and the steps renumbered to index only those."""
-    used = sorted({node.operand for step in steps for node in operand_nodes(step.program)})
+    programs = {id(step.program): step.program for step in steps}  # modules often share one program
+    used = sorted({node.operand for program in programs.values() for node in operand_nodes(program)})
     kept = [ordered[i] for i in used]
     if len(kept) == len(ordered):
         return kept, steps
     remap = {old: new for new, old in enumerate(used)}
-    return kept, [step.model_copy(update={"program": _reindex(step.program, remap)}) for step in steps]
+    reindexed = {key: _reindex(program, remap) for key, program in programs.items()}  # still shared
+    return kept, [step.model_copy(update={"program": reindexed[id(step.program)]}) for step in steps]
 
 
 def _planned(resolved: Resolved, weight: float) -> PlannedOperand:

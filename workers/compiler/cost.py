@@ -100,15 +100,20 @@ def estimate_cost(steps: Sequence[ModuleStep], itemsizes: Sequence[int]) -> Cost
     flops = 0.0
     peak = 0.0
     dense = False
+    # Modules often share one program object (see ``lower.ProgramMemo``): its width-independent sums are
+    # computed once, keyed by identity (the steps hold every program alive, so ids are not reused).
+    shared: dict[int, tuple[int, int] | None] = {}
     for step in steps:
         width = step.out_features + step.in_features
         program = step.program
-        leaves = [n for _c, n in program.terms if isinstance(n, OperandNode)] if isinstance(program, LinearNode) else []
-        if isinstance(program, LinearNode) and len(leaves) == len(program.terms):
-            # The common flat case, inline: plans can hold hundreds of thousands of terms. Terms of a flat
-            # linear node are distinct operands (like terms are collected).
-            rank = sum(n.rank for n in leaves)
-            bytes_read += width * sum(n.rank * itemsizes[n.operand] for n in leaves)
+        key = id(program)
+        if key not in shared:
+            shared[key] = _flat_sums(program, itemsizes)
+        flat = shared[key]
+        if flat is not None:
+            # The common flat case, inline: plans can hold hundreds of thousands of terms.
+            rank, weighted = flat
+            bytes_read += width * weighted
             flops += 2.0 * step.out_features * rank
             peak = max(peak, 2.0 * FP32 * width * rank)
             continue
@@ -127,3 +132,19 @@ def estimate_cost(steps: Sequence[ModuleStep], itemsizes: Sequence[int]) -> Cost
         peak_bytes=int(peak),
         device_class="gpu" if dense and flops > GPU_FLOPS else "cpu",
     )
+
+
+def _flat_sums(program: Node, itemsizes: Sequence[int]) -> tuple[int, int] | None:
+    """For a linear node over operand leaves only: (Σ rank, Σ rank·itemsize); else None.
+
+    Terms of a flat linear node are distinct operands (like terms are collected), so each is read once.
+    """
+    if not isinstance(program, LinearNode):
+        return None
+    rank = weighted = 0
+    for _c, node in program.terms:
+        if not isinstance(node, OperandNode):
+            return None
+        rank += node.rank
+        weighted += node.rank * itemsizes[node.operand]
+    return rank, weighted

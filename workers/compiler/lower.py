@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import repeat
+from operator import itemgetter
 from typing import Literal
 
 from workers.compiler.plan import (
@@ -55,11 +57,16 @@ class Lowered:
 
 @dataclass(frozen=True)
 class ModuleProgram:
-    """A module's lowered program: the root node, its output rank and path."""
+    """A module's lowered program: the root node, its output rank and path.
+
+    ``truncated``: whether it was wrapped in an ``svd`` node for exceeding ``max_rank`` (counted in
+    :class:`Notes` once per module, also when the program is reused).
+    """
 
     program: Node
     rank: int
     dense: bool
+    truncated: bool = False
 
 
 class Notes:
@@ -111,6 +118,10 @@ class OperandTable:
         """``operands``: (leaf, index in ``MergePlan.operands``, sha256, module rows) for each operand."""
         self._records = {leaf.text: _OperandRecord(index, sha, modules) for leaf, index, sha, modules in operands}
 
+    def module_rows(self, leaves: Iterable[Leaf]) -> list[Mapping[str, Sequence[float]]]:
+        """The module rows (module → [out, in, rank, scale]) of each of ``leaves``."""
+        return [self._records[leaf.text].modules for leaf in leaves]
+
     def lowered(self, leaf: Leaf, module: str) -> Lowered | None:
         record = self._records[leaf.text]
         row = record.modules.get(module)
@@ -125,6 +136,57 @@ class OperandTable:
         return found
 
 
+_ABSENT = (None, None, None, None)
+"""Stands for the row of a module that an operand lacks (its rank and scale read None)."""
+
+
+class ProgramMemo:
+    """Reuses one program across the modules where the expression lowers identically.
+
+    Only for a pure linear combination of operands (no function call), the common case: its program
+    depends on nothing but each operand's (rank, scale) in the module — not on the module's name or shape
+    — so modules with the same (rank, scale) per operand share one program object (programs are
+    immutable). A 7B layout has 224 modules but typically a handful of distinct signatures.
+    """
+
+    def __init__(self, root: Linear, operands: OperandTable, modules: Sequence[str]) -> None:
+        leaves = [atom for _c, atom in root.terms if isinstance(atom, Leaf)]
+        self.enabled = len(leaves) == len(root.terms)
+        self._programs: dict[tuple[object, ...], ModuleProgram | None] = {}
+        self._signatures: dict[str, tuple[object, ...]] = {}
+        if self.enabled and leaves:
+            # A module's signature: every operand's rank and scale there. Built one operand at a time with
+            # C-level map (plans can hold hundreds of thousands of terms), keeping only the columns that
+            # vary across modules: a constant one distinguishes no module (usually none varies).
+            columns: list[list[object]] = []
+            wanted = set(modules)
+            for rows in operands.module_rows(leaves):
+                if rows.keys() >= wanted and all(len(set(map(itemgetter(i), rows.values()))) == 1 for i in (2, 3)):
+                    continue  # in every module, with one rank and one scale: the usual adapter
+                found = list(map(rows.get, modules, repeat(_ABSENT)))
+                for column in (list(map(itemgetter(2), found)), list(map(itemgetter(3), found))):
+                    if len(set(column)) > 1:
+                        columns.append(column)
+            if columns:
+                self._signatures = dict(zip(modules, zip(*columns, strict=True), strict=True))
+
+    def lower(self, lowering: ModuleLowering, root: Linear) -> ModuleProgram | None:
+        """``lowering.root(root)``, reusing the program of an earlier module with the same signature.
+
+        Only the varying columns are kept, so a module without an entry has the empty signature.
+        """
+        if not self.enabled:
+            return lowering.root(root)
+        signature = self._signatures.get(lowering.module, ())
+        if signature not in self._programs:
+            self._programs[signature] = lowering.root(root)
+        else:
+            found = self._programs[signature]
+            if found is not None and found.truncated:
+                lowering.notes.truncated += 1  # what lowering.root would have counted
+        return self._programs[signature]
+
+
 class ModuleLowering:
     """Lowers the typed expression for one module (of shape ``out_features × in_features``)."""
 
@@ -133,6 +195,10 @@ class ModuleLowering:
         self.full_rank = min(out_features, in_features)
         self._operands = operands
         self._notes = notes
+
+    @property
+    def notes(self) -> Notes:
+        return self._notes
 
     # -- entry point ---------------------------------------------------------------------------------------
     def root(self, value: Linear) -> ModuleProgram | None:
@@ -148,6 +214,7 @@ class ModuleLowering:
         if root.rank > max_rank:
             self._notes.truncated += 1
             root = Lowered(SvdNode(input=root.node, rank=max_rank), max_rank, root.dense)
+            return ModuleProgram(root.node, root.rank, root.dense, truncated=True)
         return ModuleProgram(root.node, root.rank, root.dense)
 
     # -- linear combinations -------------------------------------------------------------------------------

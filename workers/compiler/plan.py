@@ -188,19 +188,41 @@ class MergePlan(_Frozen):
         are not covered.
         """
         shas = [op.sha256 for op in self.operands]
+        # Steps often share one program object (the compiler reuses it across modules): canonicalise each
+        # once, keyed by identity (the plan holds every program alive, so ids are not reused).
+        programs: dict[int, list[object]] = {}
+        for step in self.steps:
+            if id(step.program) not in programs:
+                programs[id(step.program)] = canonical_node(step.program, shas)
         return {
             "v": self.plan_version,
             "base": self.base_model,
             "dtype": self.dtype,
             "task": self.task_type,
             "steps": [
-                [s.module, s.out_features, s.in_features, s.path, s.rank, canonical_node(s.program, shas)]
-                for s in self.steps
+                [s.module, s.out_features, s.in_features, s.path, s.rank, programs[id(s.program)]] for s in self.steps
             ],
         }
 
     def hash(self) -> str:
-        blob = json.dumps(self.canonical_payload(), sort_keys=True, separators=(",", ":"))
+        """sha256 of ``json.dumps(canonical_payload(), sort_keys=True, separators=(",", ":"))``.
+
+        Built piecewise, byte for byte that same text: a program shared by many steps is encoded once.
+        """
+        encode = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+        payload = self.canonical_payload()
+        steps = payload["steps"]
+        assert isinstance(steps, list)
+        encoded: dict[int, str] = {}
+        parts: list[str] = []
+        for *head, program in steps:
+            text = encoded.get(id(program))
+            if text is None:
+                text = encoded[id(program)] = encode(program)
+            parts.append(encode(head)[:-1] + "," + text + "]")  # the step's list, program last
+        # A placeholder spliced in afterwards: JSON escapes every quote inside strings, so '"steps":0'
+        # occurs only as the key itself.
+        blob = encode({**payload, "steps": 0}).replace('"steps":0', '"steps":[' + ",".join(parts) + "]", 1)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
