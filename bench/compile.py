@@ -22,41 +22,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from bench.synthetic import LLAMA2_7B, TINY, LlamaShape
 from workers.compiler import compile_expression
-
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A Llama-style model layout (the same module names as ``bench.synthetic``, without importing torch)."""
-
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    kv_dim: int
-
-    def modules(self) -> dict[str, tuple[int, int]]:
-        h, i, kv = self.hidden, self.intermediate, self.kv_dim
-        shapes = {
-            "q_proj": ("self_attn", h, h),
-            "k_proj": ("self_attn", kv, h),
-            "v_proj": ("self_attn", kv, h),
-            "o_proj": ("self_attn", h, h),
-            "gate_proj": ("mlp", i, h),
-            "up_proj": ("mlp", i, h),
-            "down_proj": ("mlp", h, i),
-        }
-        return {
-            f"base_model.model.model.layers.{layer}.{shapes[p][0]}.{p}": (shapes[p][1], shapes[p][2])
-            for layer in range(self.layers)
-            for p in _PROJECTIONS
-        }
-
-
-TINY = Layout("graft-demo/tiny-llama", hidden=64, intermediate=128, layers=2, kv_dim=32)
-LLAMA2_7B = Layout("meta-llama/Llama-2-7b-hf", hidden=4096, intermediate=11008, layers=32, kv_dim=4096)
 
 
 @dataclass(frozen=True)
@@ -75,7 +42,7 @@ class _Entry:
 class DictCatalog:
     """A catalog of ``count`` rank-16 adapters named ``task000``… over one model layout."""
 
-    def __init__(self, shape: Layout, count: int) -> None:
+    def __init__(self, shape: LlamaShape, count: int) -> None:
         rows = {name: [out_f, in_f, 16, 2.0] for name, (out_f, in_f) in shape.modules().items()}
         self._entries = {
             f"task{i:03d}": _Entry(
@@ -83,7 +50,7 @@ class DictCatalog:
                 version=1,
                 version_id=i + 1,
                 sha256=hashlib.sha256(f"task{i}".encode()).hexdigest(),
-                base_model=shape.name,
+                base_model=shape.base_model,
                 modules=rows,
             )
             for i in range(count)
@@ -113,7 +80,7 @@ class Result:
     cpu_best: float
 
 
-def measure(shape: Layout, count: int, repeat: int) -> Result:
+def measure(shape: LlamaShape, count: int, repeat: int) -> Result:
     """Median wall and CPU time of ``repeat`` compilations (after a warm-up that loads the grammar).
 
     CPU time (``process_time``) is reported too: on a shared machine it is the steadier measure.

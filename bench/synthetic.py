@@ -11,9 +11,10 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:  # torch is imported where tensors are made, so the shapes load without it
+    import torch
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -47,6 +48,7 @@ class LlamaShape:
 
 
 TINY = LlamaShape(hidden=64, intermediate=128, layers=2, kv_dim=32, base_model="graft-demo/tiny-llama")
+LLAMA2_7B = LlamaShape(hidden=4096, intermediate=11008, layers=32, kv_dim=4096, base_model="meta-llama/Llama-2-7b-hf")
 TINYLLAMA = LlamaShape(hidden=2048, intermediate=5632, layers=22, kv_dim=256, base_model="TinyLlama/TinyLlama-1.1B")
 
 
@@ -58,14 +60,19 @@ def write_adapter(
     rank: int = 8,
     alpha: float = 16.0,
     seed: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
     use_rslora: bool = False,
     extra_config: dict[str, object] | None = None,
 ) -> Path:
     """Write a PEFT LoRA folder with random (non-zero) A and B factors. Returns the folder."""
+    import torch
+    from safetensors.torch import save_file
+
     from registry.formats.peft import pattern_value  # the same lookup PEFT does
+
+    dtype = dtype or torch.float32
 
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
