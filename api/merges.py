@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from sqlalchemy.exc import IntegrityError
@@ -54,16 +55,20 @@ def submit(
     *,
     force: bool = False,
     idempotency_key: str | None = None,
+    submitter: int | None = None,
 ) -> Submission:
     """The API's submission: compile, then record a job; the caller commits, then enqueues if ``must_run``.
 
-    - An ``idempotency_key`` seen before returns that job (``replayed``); with a different request it is
-      refused with ``idempotency_key_reused``. Two concurrent first uses of one key yield one job.
+    - An ``idempotency_key`` seen before from the same ``submitter`` (the API token's id) returns that job
+      (``replayed``); with a different request it is refused with ``idempotency_key_reused``. Two concurrent
+      first uses of one key yield one job. Keys are scoped to the submitter, so two clients that happen to
+      pick the same key never see each other's jobs.
     - Unless ``force``, a plan already run into the same adapter is answered at once by a succeeded job that
       points at the earlier result (``reused``); nothing runs again.
     """
     tags = merges.validate_tags(tags)
     if idempotency_key is not None:
+        idempotency_key = scoped_idempotency_key(submitter, idempotency_key)
         earlier = repo.get_job_by_idempotency_key(session, idempotency_key)
         if earlier is not None:
             return Submission(_same_request(earlier, expression, target_name, tags), replayed=True, reused=False)
@@ -85,6 +90,15 @@ def submit(
             raise
         return Submission(_same_request(earlier, expression, target_name, tags), replayed=True, reused=False)
     return Submission(job, replayed=False, reused=finished is not None)
+
+
+def scoped_idempotency_key(submitter: int | None, key: str) -> str:
+    """The stored form of a client's ``Idempotency-Key``: a digest of (submitter, key), 64 hex characters.
+
+    Hashing keeps the column a fixed width whatever the client sends, and scopes keys per token.
+    """
+    owner = "anonymous" if submitter is None else f"token:{submitter}"
+    return hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
 
 
 def _same_request(job: MergeJob, expression: str, target_name: str, tags: list[str]) -> MergeJob:

@@ -6,7 +6,6 @@ duplicates and empty uploads are refused; the total size is capped while copying
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -38,8 +37,7 @@ def staged_folder(store: ArtifactStore, files: Sequence[Upload], max_bytes: int)
         raise InvalidUpload("no files uploaded; send adapter_config.json and adapter_model.safetensors as `files`")
     if len(files) > MAX_FILES:
         raise InvalidUpload(f"{len(files)} files uploaded; an adapter folder has at most {MAX_FILES}")
-    folder = store.scratch_dir()
-    try:
+    with store.scratch() as folder:
         total = 0
         for upload in files:
             name = _safe_name(upload.filename)
@@ -53,5 +51,3 @@ def staged_folder(store: ArtifactStore, files: Sequence[Upload], max_bytes: int)
                         raise PayloadTooLarge(f"the upload is larger than the limit of {max_bytes} bytes")
                     handle.write(chunk)
         yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)

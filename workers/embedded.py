@@ -47,7 +47,8 @@ class EmbeddedRunner:
         self._thread: threading.Thread | None = None
 
     def recover(self) -> list[str]:
-        """Requeue jobs a dead process left ``running``; returns their ids."""
+        """Requeue jobs a dead process left ``running``, and sweep its scratch folders; returns the job ids."""
+        self._store.sweep()
         with session_scope(self._sessions) as session:
             ids = repo.requeue_running_jobs(session)
         if ids:

@@ -7,7 +7,6 @@ folder, pinned to the commit the revision resolved to; the folder is then valida
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,8 +79,7 @@ def ingest_from_hub(
     pinned = with_retries(lambda: _resolve(hub, origin), settings=settings, what=f"read {origin.uri}", sleep=sleep)
     assert pinned.commit is not None
     prefix = f"{pinned.subfolder}/" if pinned.subfolder else ""
-    scratch = store.scratch_dir()
-    try:
+    with store.scratch() as scratch:
         target = scratch / "snapshot"
 
         def download() -> None:
@@ -108,5 +106,3 @@ def ingest_from_hub(
             )
             info = describe_version(registered.version)  # with hub_origin: endpoint, repo, revision, commit
         return IngestOutcome(info, registered.created, pinned)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

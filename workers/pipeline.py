@@ -7,7 +7,6 @@ records the job as failed and leaves no version and no stray files behind.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,30 +61,28 @@ def run_merge_job(
         versions = repo.get_versions_by_ids(session, [op.version_id for op in plan.operands])
         paths = [store.path(versions[op.version_id].artifact_key) for op in plan.operands]
 
-    scratch = store.scratch_dir()
-    created_key: str | None = None
-    try:
-        _verify_operands(plan, paths)
-        report = execute_plan(
-            plan, paths, scratch / "out", device=pick_device(device), progress=progress, should_cancel=should_cancel
-        )
-        facts = inspect_peft_folder(scratch / "out")
-        sha, key, created = store.put_file(report.weights_path)
-        created_key = key if created else None
-        version_id = _record(session_factory, job_id, facts, sha, key, report)
-        return JobOutcome(
-            job_id,
-            version_id,
-            report.seconds,
-            reused=False,
-            retained_energy=report.retained_energy,
-            warnings=report.warnings,
-        )
-    except BaseException as exc:
-        _record_failure(session_factory, store, job_id, exc, created_key)
-        raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with store.scratch() as scratch:
+        created_key: str | None = None
+        try:
+            _verify_operands(plan, paths)
+            report = execute_plan(
+                plan, paths, scratch / "out", device=pick_device(device), progress=progress, should_cancel=should_cancel
+            )
+            facts = inspect_peft_folder(scratch / "out")
+            sha, key, created = store.put_file(report.weights_path)
+            created_key = key if created else None
+            version_id = _record(session_factory, job_id, facts, sha, key, report)
+            return JobOutcome(
+                job_id,
+                version_id,
+                report.seconds,
+                reused=False,
+                retained_energy=report.retained_energy,
+                warnings=report.warnings,
+            )
+        except BaseException as exc:
+            _record_failure(session_factory, store, job_id, exc, created_key)
+            raise
 
 
 RECORD_TRIES = 3

@@ -40,15 +40,20 @@ _runtime: tuple[int, WorkerRuntime] | None = None
 
 
 def worker_runtime() -> WorkerRuntime:
-    """The process's engine, sessions and store, built once per process (never shared across a fork)."""
+    """The process's engine, sessions and store, built once per process (never shared across a fork).
+
+    Building it sweeps the store of what a killed worker left behind (unlocked scratch folders), so a
+    SIGKILL mid-merge costs disk space only until the next worker process starts.
+    """
     global _runtime
     if _runtime is None or _runtime[0] != os.getpid():
         settings = load_settings()
         engine = make_engine(settings.resolved_database_url)
-        _runtime = (
-            os.getpid(),
-            WorkerRuntime(settings, make_session_factory(engine), ArtifactStore(settings.resolved_artifacts_dir)),
-        )
+        store = ArtifactStore(settings.resolved_artifacts_dir)
+        swept = store.sweep()
+        if swept:
+            log.warning("removed %d leftover(s) of killed workers from the artifact store", len(swept))
+        _runtime = (os.getpid(), WorkerRuntime(settings, make_session_factory(engine), store))
     return _runtime[1]
 
 

@@ -50,7 +50,7 @@ def create_merge(
     body: MergeRequest,
     uow: UoW,
     state: State,
-    _who: Writer,
+    who: Writer,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> JobOut:
@@ -75,6 +75,7 @@ def create_merge(
         body.tags,
         force=body.force,
         idempotency_key=idempotency_key,
+        submitter=who.token_id,
     )
     job_id = submission.job.id
     if submission.must_run:

@@ -2,62 +2,68 @@
 
 Each test's requests share one connection whose outer transaction is rolled back afterwards (the root
 conftest's technique): the API's own commits become savepoint releases, invisible to other tests. The
-dispatcher records what would have been sent to the broker, so tests can assert that a job id is queued
-only after its row is committed; the worker side runs jobs in-process with ``execute_job``.
+dispatcher is the real Celery one, sending to the real Redis under a key prefix and queue names unique to the
+test; tests read the queue back to see what was sent, and that a job id is sent only after its row is
+committed. The worker side runs the queued job in-process with ``execute_job``, as a worker would (the real
+worker process is exercised in tests/workers/test_celery_e2e.py).
 """
 
 from __future__ import annotations
 
+import base64
 import io
+import json
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
+from api.dispatch import CeleryDispatcher
 from api.runtime import Runtime
 from registry.artifacts import ArtifactStore
 from registry.db import make_engine, session_scope
-from registry.errors import BrokerUnavailable
 from registry.migrate import upgrade_to_head
 from registry.models import MergeJob
 from registry.services.tokens import create_token
 from registry.settings import Settings
 from workers.jobs import JobResult, execute_job
 
+REDIS_DB = 10
+UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"  # nothing listens on port 1: every send and ping is refused
 
-@dataclass
-class RecordingDispatcher:
-    """Stands in for the broker: records job ids, and can be told to refuse them."""
 
-    sessions: sessionmaker[Session]
-    enqueued: list[str] = field(default_factory=list)
-    committed_when_enqueued: list[bool] = field(default_factory=list)
-    down: bool = False
-    mode: Literal["celery", "embedded"] = "celery"
+class ObservedDispatcher(CeleryDispatcher):
+    """The real Celery dispatcher, sending to the real Redis under a key prefix of its own.
+
+    It also notes, for each job id it sends, whether the job row was already committed (read back through
+    the test's session factory), and reads back what really reached the broker's merge queue.
+    """
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        super().__init__(settings)
+        self._sessions = sessions
+        self._queue_key = f"{settings.broker_transport_options['global_keyprefix']}{settings.merge_queue}"
+        self.committed_when_enqueued: list[bool] = []
 
     def enqueue_merge(self, job_id: str) -> None:
-        if self.down:
-            raise BrokerUnavailable("the broker could not be reached (test)")
-        # The row must already be committed: read it back through a separate session.
-        with self.sessions() as session:
+        with self._sessions() as session:
             self.committed_when_enqueued.append(session.get(MergeJob, job_id) is not None)
-        self.enqueued.append(job_id)
+        super().enqueue_merge(job_id)
 
-    def ping(self) -> str:
-        if self.down:
-            raise BrokerUnavailable("the broker is unreachable (test)")
-        return "reachable"
-
-    def queue_depth(self) -> int | None:
-        if self.down:
-            raise BrokerUnavailable("the broker is unreachable (test)")
-        return len(self.enqueued)
+    @property
+    def enqueued(self) -> list[str]:
+        """The job ids waiting in the merge queue on Redis, oldest first."""
+        broker = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+        messages = [json.loads(raw) for raw in reversed(broker.lrange(self._queue_key, 0, -1))]
+        return [json.loads(base64.b64decode(m["body"]))[0][0] for m in messages]
 
 
 @dataclass
@@ -65,7 +71,7 @@ class Api:
     """A client for the app, its dispatcher and store, and tokens of each scope."""
 
     client: TestClient
-    dispatcher: RecordingDispatcher
+    dispatcher: ObservedDispatcher
     sessions: sessionmaker[Session]
     store: ArtifactStore
     tokens: dict[str, str]
@@ -110,14 +116,32 @@ def api_sessions(pg_engine: Engine) -> Iterator[sessionmaker[Session]]:
 def build_api(
     pg_url: str, engine: Engine, sessions: sessionmaker[Session], root: Path, **settings: Any
 ) -> Iterator[Api]:
-    config = Settings(home=root / "home", database_url=pg_url, **settings)
+    """The app on ``pg_url`` with a real Celery dispatcher on the local Redis (queues and keys unique to it)."""
+    run = uuid.uuid4().hex[:10]
+    prefix = f"graft-api-test-{run}:"
+    config = Settings(
+        **{
+            "home": root / "home",
+            "database_url": pg_url,
+            "broker_url": f"redis://127.0.0.1:6379/{REDIS_DB}",
+            "broker_transport_options": {"global_keyprefix": prefix},
+            "merge_queue": f"merge-{run}",
+            "publish_queue": f"publish-{run}",
+            **settings,
+        }
+    )
     store = ArtifactStore(root / "artifacts")
-    dispatcher = RecordingDispatcher(sessions)
+    dispatcher = ObservedDispatcher(config, sessions)
     app = create_app(config, runtime=Runtime(config, engine, sessions, store), dispatcher=dispatcher)
     with session_scope(sessions) as session:
         tokens = {scope: create_token(session, f"test-{scope}", scope).secret for scope in ("read", "write", "admin")}
-    with TestClient(app, raise_server_exceptions=False) as client:
-        yield Api(client, dispatcher, sessions, store, tokens)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield Api(client, dispatcher, sessions, store, tokens)
+    finally:
+        broker = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
+        for key in broker.scan_iter(match=f"{prefix}*"):
+            broker.delete(key)
 
 
 @pytest.fixture
@@ -130,3 +154,11 @@ def api(pg_url: str, pg_engine: Engine, api_sessions: sessionmaker[Session], tmp
 def closed_api(pg_url: str, pg_engine: Engine, api_sessions: sessionmaker[Session], tmp_path: Path) -> Iterator[Api]:
     """The app with GRAFT_PUBLIC_READS=false and a small upload limit."""
     yield from build_api(pg_url, pg_engine, api_sessions, tmp_path, public_reads=False, max_upload_bytes=4096)
+
+
+@pytest.fixture
+def brokerless_api(
+    pg_url: str, pg_engine: Engine, api_sessions: sessionmaker[Session], tmp_path: Path
+) -> Iterator[Api]:
+    """The app configured with a broker that refuses connections (a Redis that is down)."""
+    yield from build_api(pg_url, pg_engine, api_sessions, tmp_path, broker_url=UNREACHABLE_BROKER)

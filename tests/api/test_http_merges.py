@@ -78,6 +78,21 @@ def test_idempotency_key_returns_the_same_job(api: Api, leaves: None) -> None:
     assert_error(api.merge("code + math", "both", headers={"Idempotency-Key": ""}), 422, "invalid_request")
 
 
+def test_idempotency_keys_are_scoped_to_the_token(api: Api, leaves: None) -> None:
+    """Two clients that pick the same key get their own jobs; neither can replay or block the other's."""
+    key = {"Idempotency-Key": "nightly-merge"}
+    mine = api.merge("code + math", "both", headers=key)
+    theirs = api.client.post(
+        "/v1/merges",
+        json={"expression": "code - math", "name": "diff"},
+        headers={**api.auth("admin"), **key},
+    )
+    assert mine.status_code == theirs.status_code == 202
+    assert mine.json()["id"] != theirs.json()["id"]
+    assert "idempotent-replayed" not in theirs.headers
+    assert api.dispatcher.enqueued == [mine.json()["id"], theirs.json()["id"]]
+
+
 def test_a_finished_plan_is_reused_unless_forced(api: Api, leaves: None) -> None:
     first = api.merge("code + math", "pair").json()
     api.run(first["id"])
@@ -132,8 +147,9 @@ def test_bad_submissions_are_4xx_never_500(api: Api, leaves: None) -> None:
     assert api.dispatcher.enqueued == []
 
 
-def test_an_unreachable_broker_fails_the_job_instead_of_losing_it(api: Api, leaves: None) -> None:
-    api.dispatcher.down = True
-    assert_error(api.merge("code + math", "lost"), 503, "broker_unavailable")
+def test_an_unreachable_broker_fails_the_job_instead_of_losing_it(
+    api: Api, leaves: None, brokerless_api: Api
+) -> None:
+    assert_error(brokerless_api.merge("code + math", "lost"), 503, "broker_unavailable")
     jobs = api.client.get("/v1/merges").json()["items"]
     assert len(jobs) == 1 and jobs[0]["status"] == "failed" and jobs[0]["error"]["code"] == "broker_unavailable"

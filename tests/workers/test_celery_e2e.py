@@ -109,6 +109,15 @@ def wait_for(client: httpx.Client, job_id: str, predicate: Any, timeout: float =
         time.sleep(0.05)
 
 
+def assert_no_scratch_left(root: Path, timeout: float = 10) -> None:
+    """The killed process's scratch folder was swept, and the rerun removed its own (just after recording)."""
+    tmp = root / "artifacts" / "tmp"
+    deadline = time.monotonic() + timeout
+    while tmp.is_dir() and any(tmp.iterdir()):
+        assert time.monotonic() < deadline, f"scratch left behind: {sorted(p.name for p in tmp.iterdir())}"
+        time.sleep(0.05)
+
+
 def finished(job: dict[str, Any]) -> bool:
     return job["status"] in ("succeeded", "failed", "cancelled")
 
@@ -238,6 +247,7 @@ def test_a_killed_pool_process_is_replaced_and_the_job_rerun(service: Service, w
         assert job["attempts"] == 2
         assert client.get("/v1/adapters/pair").json()["version_numbers"] == [1]
     assert worker.poll() is None  # the worker itself lived on
+    assert_no_scratch_left(service.root)
 
 
 def test_a_killed_worker_is_replaced_by_a_new_one_that_finishes_the_job(
@@ -261,6 +271,7 @@ def test_a_killed_worker_is_replaced_by_a_new_one_that_finishes_the_job(
         assert client.get("/v1/adapters/crash").json()["version_numbers"] == [1]
         versions = client.get("/v1/adapters", params={"q": "crash"}).json()
         assert versions["total"] == 1 and versions["items"][0]["versions"] == 1
+    assert_no_scratch_left(service.root)
 
 
 def test_concurrent_results_for_one_adapter_get_versions_without_gaps_or_duplicates(service: Service) -> None:
