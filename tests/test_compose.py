@@ -4,7 +4,9 @@ There is no container runtime in CI, so the stack is reproduced with local proce
 ``api`` and ``worker`` commands are taken verbatim from the compose file and run with the file's
 ``GRAFT_*`` environment, where only what containers would provide is replaced: the ``postgres`` and ``redis``
 host names become the local servers (a scratch database; a Redis key prefix and queues of our own), the data
-volume a temporary folder, and the API's port a free one. A merge then goes through the stack end to end.
+volume a temporary folder, and the API's port a free one; the Hub is the suite's Hub-compatible server. A
+merge with ``publish`` then goes through the stack end to end: the API queues it, the worker merges, then
+its publish task commits the version to the Hub through the real ``huggingface_hub`` client.
 A typo in a command, a wrong module path or a missing setting in the file fails this test.
 """
 
@@ -21,6 +23,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +34,12 @@ import yaml
 
 from bench.synthetic import TINY, write_adapter
 from tests.conftest import create_pg_database, drop_pg_database
+from tests.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_DB = 11
+HUB_TOKEN = "hf_compose_test"
+NAMESPACE = "graft-compose"
 BIN = Path(sys.executable).parent
 
 
@@ -75,8 +81,14 @@ def local_command(command: list[str], port: int) -> list[str]:
     return [executable, *rest]
 
 
+@dataclass
+class Stack:
+    env: dict[str, str]
+    hub: HubServer
+
+
 @pytest.fixture
-def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+def stack(tmp_path: Path) -> Iterator[Stack]:
     file_env: dict[str, str] = compose()["x-graft-env"]
     run = uuid.uuid4().hex[:10]
     db_url = create_pg_database("graft_compose")
@@ -84,7 +96,7 @@ def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         "GRAFT_DATABASE_URL"
     ]
     assert file_env["GRAFT_BROKER_URL"].startswith("redis://redis:6379/")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRAFT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRAFT_", "HF_"))}
     env.update(file_env)
     env.update(
         GRAFT_DATABASE_URL=db_url,
@@ -94,9 +106,16 @@ def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         GRAFT_PUBLISH_QUEUE=f"publish-{run}",
         GRAFT_HOME=str(tmp_path / "var-lib-graft"),
         GRAFT_ARTIFACTS_DIR=str(tmp_path / "var-lib-graft" / "artifacts"),
+        GRAFT_HUB_NAMESPACE=NAMESPACE,
+        GRAFT_HUB_TOKEN=HUB_TOKEN,
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_HUB_DISABLE_XET="1",  # the test Hub takes files inline, as the real Hub does for small ones
     )
+    hub = HubServer(tmp_path / "hub", token=HUB_TOKEN)
     try:
-        yield env
+        with hub:
+            env.update(GRAFT_HUB_ENDPOINT=hub.url)
+            yield Stack(env, hub)
     finally:
         broker = redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB)
         for key in broker.scan_iter(match=f"graft-compose-{run}:*"):
@@ -111,8 +130,9 @@ def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pope
         )
 
 
-def test_the_stack_runs_a_merge_with_the_files_own_commands(stack_env: dict[str, str], tmp_path: Path) -> None:
+def test_the_stack_merges_and_publishes_with_the_files_own_commands(stack: Stack, tmp_path: Path) -> None:
     services = compose()["services"]
+    stack_env = stack.env
     port = free_port()
     migrated = subprocess.run(
         local_command(services["migrate"]["command"], port), cwd=ROOT, env=stack_env, capture_output=True, text=True
@@ -151,7 +171,8 @@ def test_the_stack_runs_a_merge_with_the_files_own_commands(stack_env: dict[str,
                 folder = write_adapter(tmp_path / name, TINY.modules(), base_model=TINY.base_model, seed=seed)
                 files = [("files", (p.name, io.BytesIO(p.read_bytes()))) for p in sorted(folder.iterdir())]
                 assert client.post("/v1/adapters", data={"name": name}, files=files).status_code == 201
-            job = client.post("/v1/merges", json={"expression": "code - toxic", "name": "detox"}).json()
+            body = {"expression": "code - toxic", "name": "detox", "publish": True}
+            job = client.post("/v1/merges", json=body).json()
             deadline = time.monotonic() + 60
             while job["status"] not in ("succeeded", "failed", "cancelled"):
                 assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
@@ -162,6 +183,14 @@ def test_the_stack_runs_a_merge_with_the_files_own_commands(stack_env: dict[str,
             assert weights.status_code == 200 and weights.headers["etag"].strip('"') == json.loads(
                 client.get("/v1/adapters/detox/versions/1").text
             )["sha256"]
+            # The worker's merge task sent graft.publish to the publish queue; the same worker publishes.
+            publication = client.get("/v1/adapters/detox/versions/1/publish")
+            while publication.status_code == 404 or publication.json()["status"] == "pending":
+                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+                time.sleep(0.1)
+                publication = client.get("/v1/adapters/detox/versions/1/publish")
+            assert publication.json()["status"] == "published", publication.json()
+            assert stack.hub.tags(f"{NAMESPACE}/detox")["v1"] == publication.json()["commit"]
     finally:
         for process in processes:
             if process.poll() is None:
