@@ -29,6 +29,7 @@ from api.runtime import Runtime, build_runtime
 from registry import repositories as repo
 from registry.db import session_scope
 from registry.errors import GraftError
+from registry.formats.kohya import write_kohya_file
 from registry.formats.peft import CONFIG_FILE, WEIGHTS_FILE
 from registry.services.adapters import describe_version, register_folder, resolve_version
 from registry.services.lineage import lineage_graph
@@ -83,8 +84,8 @@ def register(
     path: Annotated[
         str,
         typer.Argument(
-            help="A PEFT adapter folder (adapter_config.json + adapter_model.safetensors), "
-            "or a Hub adapter: hf://ORG/REPO[@REVISION]."
+            help="A PEFT adapter folder (adapter_config.json + adapter_model.safetensors), a kohya/diffusers "
+            "LoRA .safetensors file (converted to PEFT, losslessly), or a Hub adapter: hf://ORG/REPO[@REVISION]."
         ),
     ],
     name: Annotated[str, typer.Option("--name", "-n", help="Adapter name; registering again adds a version.")],
@@ -93,7 +94,7 @@ def register(
     base_model: Annotated[str | None, typer.Option("--base-model", help="Override base_model_name_or_path.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Validate a PEFT LoRA folder and register it as a new version."""
+    """Validate a PEFT LoRA folder (or a kohya/diffusers LoRA file) and register it as a new version."""
 
     def body() -> None:
         runtime = build_runtime()
@@ -448,16 +449,29 @@ def analyze(
 @app.command()
 def export(
     ref: Annotated[str, typer.Argument(help="NAME or NAME@V.")],
-    directory: Annotated[Path, typer.Argument(help="Folder to write the PEFT adapter into.")],
+    directory: Annotated[Path, typer.Argument(help="Folder to write the adapter into.")],
     force: Annotated[bool, typer.Option("--force", help="Overwrite adapter files already there.")] = False,
+    fmt: Annotated[
+        str, typer.Option("--format", help="peft: a PEFT folder; kohya: one kohya LoRA file, DIR/<name>.safetensors.")
+    ] = "peft",
 ) -> None:
-    """Write a version as a PEFT folder that `PeftModel.from_pretrained` loads."""
+    """Write a version as a PEFT folder that `PeftModel.from_pretrained` loads, or as a kohya LoRA file."""
 
     def body() -> None:
+        if fmt not in ("peft", "kohya"):
+            raise _fail(f"unknown export format {fmt!r}; use --format peft or --format kohya", 2)
         runtime = build_runtime()
         with _session(runtime) as session:
             version = resolve_version(session, ref)
             config, key, label = dict(version.peft_config), version.artifact_key, version.ref
+            stem = version.adapter.name.replace("/", "_")
+        if fmt == "kohya":
+            target = directory / f"{stem}.safetensors"
+            if not force and target.exists():
+                raise _fail(f"{target} already exists; pass --force to overwrite it", 4)
+            write_kohya_file(runtime.store.path(key), config, target, {"graft.ref": label})
+            out.print(f"exported [bold]{label}[/] to {target}")
+            return
         targets = [directory / CONFIG_FILE, directory / WEIGHTS_FILE]
         if not force and any(t.exists() for t in targets):
             raise _fail(f"{directory} already holds an adapter; pass --force to overwrite it", 4)

@@ -83,6 +83,9 @@ def _origin_section(bundle: PublishBundle) -> list[str]:
         ]
     if bundle.source == "upload":
         return ["## Origin", "", "Registered in Graft from an uploaded PEFT folder.", ""]
+    if bundle.source == "upload:kohya":
+        text = "Registered in Graft from an uploaded kohya/diffusers LoRA file, converted losslessly to PEFT."
+        return ["## Origin", "", text, ""]
     return []
 
 

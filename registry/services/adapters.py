@@ -12,10 +12,13 @@ from sqlalchemy.orm import Session
 from registry import repositories as repo
 from registry.artifacts import ArtifactStore
 from registry.errors import AdapterNotFound, Conflict, InvalidInput, VersionNotFound
+from registry.formats.kohya import convert_kohya_to_peft, find_kohya_file
 from registry.formats.peft import AdapterFacts, inspect_peft_folder
 from registry.models import Adapter, AdapterVersion
 
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]{0,199}$")
+# The source of a version registered from a kohya/diffusers single-file LoRA (converted to PEFT on the way in).
+KOHYA_SOURCE = "upload:kohya"
 _REF = re.compile(r"^(?P<name>[^@]+?)(?:@(?:v)?(?P<number>\d+|latest))?$")
 
 
@@ -124,19 +127,42 @@ def register_folder(
     description: str = "",
     base_model: str | None = None,
 ) -> Registered:
-    """Validate a PEFT folder and record it as the next version of ``name``.
+    """Validate an adapter and record it as the next version of ``name``.
 
-    Identical content (same weights and config) as the latest version returns that version instead of
-    adding a copy. Invalid folders raise :class:`~registry.errors.InvalidAdapter` and record nothing.
+    ``folder`` is a PEFT folder, a kohya/diffusers LoRA ``.safetensors`` file, or a folder holding just such a
+    file (see :func:`~registry.formats.kohya.find_kohya_file`). A kohya file is converted into a PEFT folder in
+    the store's scratch space (removed afterwards) and registered through the same validation, with source
+    ``upload:kohya``. Identical content (same weights and config) as the latest version returns that version
+    instead of adding a copy; the conversion is deterministic, so this holds for kohya files too. Invalid input
+    raises :class:`~registry.errors.InvalidAdapter` and records nothing.
     """
     check_name(name)
-    facts = inspect_peft_folder(folder, base_model_override=base_model)
-    adapter = ensure_adapter(session, name, facts.base_model, tags or [], description)
+    kohya_file = find_kohya_file(folder)
+    if kohya_file is None:
+        facts = inspect_peft_folder(folder, base_model_override=base_model)
+        return _record_upload(session, store, name, facts, tags or [], description, source="upload")
+    with store.scratch() as scratch:
+        convert_kohya_to_peft(kohya_file, scratch / "peft", base_model)
+        facts = inspect_peft_folder(scratch / "peft")
+        return _record_upload(session, store, name, facts, tags or [], description, source=KOHYA_SOURCE)
+
+
+def _record_upload(
+    session: Session,
+    store: ArtifactStore,
+    name: str,
+    facts: AdapterFacts,
+    tags: list[str],
+    description: str,
+    *,
+    source: str,
+) -> Registered:
+    adapter = ensure_adapter(session, name, facts.base_model, tags, description)
     sha, key, _created = store.put_file(facts.weights_path)
     latest = repo.get_version(session, name, None)
     if latest is not None and latest.sha256 == sha and latest.peft_config == facts.config:
         return Registered(latest, created=False)
-    version = add_version(session, adapter, facts, sha256=sha, artifact_key=key, source="upload")
+    version = add_version(session, adapter, facts, sha256=sha, artifact_key=key, source=source)
     return Registered(version, created=True)
 
 
