@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import unquote_plus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +25,7 @@ from api.errors import http_status
 from api.routes import adapters, health, merges
 from api.runtime import Runtime, build_runtime
 from api.schemas import ErrorResponse
+from api.web import router as web_router
 from registry.errors import GraftError
 from registry.settings import Settings, load_settings
 from workers.compiler import CompileError
@@ -108,6 +110,11 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:
+        # The framework could not parse the body (JSON that is not UTF-8, a broken multipart body): bad input,
+        # answered like malformed JSON is.
+        message = f"body: {exc.detail or 'the request body could not be parsed'}"
+        return _error_response(422, error_body("invalid_request", message))
     code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     message = str(exc.detail) if exc.detail else "request failed"
     return _error_response(exc.status_code, error_body(code, message), dict(exc.headers or {}))
@@ -157,6 +164,30 @@ class BodyLimit:
         await _error_response(status, error_body(code, message), extra)(scope, receive, send)
 
 
+class RefuseNul:
+    """Refuses (422) a request with a NUL character in its path or query string, before any route runs.
+
+    No adapter name, version, job id or filter can contain one (PostgreSQL text cannot), so such a request
+    can only be bad input; request bodies are checked field by field (``api/schemas.py``, the services).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            where = None
+            if "\x00" in scope["path"]:
+                where = "path"
+            elif "\x00" in unquote_plus(scope["query_string"].decode("latin-1")):
+                where = "query string"
+            if where is not None:
+                body = error_body("invalid_request", f"the request's {where} contains a NUL character (\\x00)")
+                await _error_response(422, body)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -189,7 +220,9 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(BodyLimit, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(RefuseNul)
     for router in (adapters.router, merges.router):
         app.include_router(router, prefix=f"/{API_VERSION}", responses=ERROR_RESPONSES)
     app.include_router(health.router)
+    app.include_router(web_router)  # the lineage web page: /, /ui/adapters/...
     return app

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from registry.models import AdapterVersion, MergeJob, Publication
 from registry.services.adapters import describe_version
@@ -16,6 +16,20 @@ from registry.services.adapters import describe_version
 
 class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class _In(BaseModel):
+    """A request body: no unknown fields, and no NUL characters in any text (PostgreSQL cannot store them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        texts = value if isinstance(value, list) else [value]
+        if any(isinstance(text, str) and "\x00" in text for text in texts):
+            raise ValueError("must not contain NUL characters (\\x00)")
+        return value
 
 
 # -- errors --------------------------------------------------------------------------------------------
@@ -125,8 +139,7 @@ class LineageGraph(_Out):
 # -- plans and merges ----------------------------------------------------------------------------------
 
 
-class PlanRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PlanRequest(_In):
     expression: str = Field(min_length=1, max_length=10_000, examples=["base + code - toxic"])
 
 
@@ -148,8 +161,11 @@ class PlanOut(_Out):
     plan: dict[str, Any] = Field(description="The full plan IR (what a worker runs).")
 
 
-class MergeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class MergeRequest(_In):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"expression": "base + code - toxic", "name": "code-detox", "tags": ["demo"]}]}
+    )
+
     expression: str = Field(min_length=1, max_length=10_000, examples=["base + code - toxic"])
     name: str = Field(min_length=1, max_length=200, description="Adapter that receives the result.")
     tags: list[str] = Field(default_factory=list, max_length=50)
@@ -173,17 +189,15 @@ class JobError(_Out):
 HUB_REPO_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
 
 
-class PublishRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PublishRequest(_In):
     repo: str | None = Field(
         default=None, max_length=300, description="Hub repo (ORG/NAME); default {namespace}/{adapter name}."
     )
 
 
-class HubIngestRequest(BaseModel):
+class HubIngestRequest(_In):
     """``POST /v1/adapters`` with a JSON body: register an adapter from the Hub instead of uploading it."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=200, description="Adapter name; ingesting again adds a version.")
     hub_repo: str = Field(min_length=1, max_length=300, pattern=HUB_REPO_PATTERN, examples=["org/code-lora"])
     revision: str = Field(default="main", min_length=1, max_length=200, description="Branch, tag or commit.")

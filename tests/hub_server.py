@@ -311,7 +311,9 @@ class HubServer:
         try:
             response = await self._route(request, path)
         except HubError as exc:
-            headers = {"X-Error-Message": exc.message, **exc.headers}
+            # Header values are latin-1 on the wire; a message naming a non-ASCII revision must still fit.
+            message = exc.message.encode("ascii", "backslashreplace").decode("ascii")
+            headers = {"X-Error-Message": message, **exc.headers}
             if exc.code:
                 headers["X-Error-Code"] = exc.code
             response = JSONResponse({"error": exc.message, **exc.extra}, status_code=exc.status, headers=headers)

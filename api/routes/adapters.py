@@ -17,6 +17,7 @@ from api.schemas import (
     AdapterDetail,
     AdapterOut,
     AdapterPage,
+    ErrorResponse,
     HubIngestRequest,
     LineageGraph,
     PublicationOut,
@@ -54,9 +55,24 @@ async def hub_ingest_body(request: Request) -> HubIngestRequest | None:
     status_code=201,
     summary="Upload a PEFT LoRA folder's files as a new version, or ingest one from the Hub",
     openapi_extra={
-        "requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/HubIngestRequest"}}}}
+        "requestBody": {
+            "required": True,
+            "content": {
+                # An upload needs both (the route declares them optional only because a Hub ingest sends JSON).
+                "multipart/form-data": {"schema": {"required": ["name", "files"]}},
+                "application/json": {
+                    # Inline: no route takes the model as a body parameter, so it is not among the components.
+                    "schema": HubIngestRequest.model_json_schema(),
+                    "example": {"name": "code-lora", "hub_repo": "org/code-lora", "revision": "main"},
+                },
+            }
+        }
     },
-    responses={200: {"model": UploadOut, "description": "Identical to the latest version; nothing added."}},
+    responses={
+        200: {"model": UploadOut, "description": "Identical to the latest version; nothing added."},
+        411: {"model": ErrorResponse, "description": "A chunked upload with no Content-Length (length_required)."},
+        502: {"model": ErrorResponse, "description": "Hub ingest: the Hub refused (hub_error, hub_auth_failed)."},
+    },
 )
 def upload_adapter(
     uow: UoW,
@@ -108,6 +124,7 @@ def upload_adapter(
 def _ingest(uow: UoW, state: State, response: Response, body: HubIngestRequest) -> UploadOut:
     from workers.hub_ingest import ingest_from_hub  # the Hub client, loaded only when ingesting
 
+    service.check_name(body.name)  # refuse a bad name before the download, not after it
     outcome = ingest_from_hub(
         body.uri,
         body.name,

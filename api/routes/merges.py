@@ -14,6 +14,7 @@ from registry import repositories as repo
 from registry.errors import JobNotFound, NotSupported
 from registry.services import merges as service
 from registry.services import publications as pubs
+from registry.services.adapters import check_name
 
 router = APIRouter(tags=["merges"])
 
@@ -60,6 +61,7 @@ def create_merge(
     With ``publish``, the result version is published to the Hub once recorded (see the job's ``result``, then
     ``GET /v1/adapters/{name}/versions/{v}/publish``).
     """
+    check_name(body.name)  # before anything looks the name up
     publisher: PublishDispatcher | None = None
     if body.publish:
         if not isinstance(state.dispatcher, PublishDispatcher):

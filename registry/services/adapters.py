@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from registry import repositories as repo
 from registry.artifacts import ArtifactStore
-from registry.errors import AdapterNotFound, Conflict, InvalidInput, VersionNotFound
+from registry.errors import AdapterNotFound, Conflict, InvalidAdapter, InvalidInput, VersionNotFound
 from registry.formats.kohya import convert_kohya_to_peft, find_kohya_file
 from registry.formats.peft import AdapterFacts, inspect_peft_folder
 from registry.models import Adapter, AdapterVersion
@@ -32,11 +32,37 @@ class Registered:
 
 def check_name(name: str) -> str:
     """Adapter names start with a letter or '_' and use letters, digits, '_', '.', '-' and '/'."""
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise InvalidInput(
             f"invalid adapter name {name!r}: start with a letter or '_' and use letters, digits, '_', '.', '-', '/'"
         )
     return name
+
+
+def check_text(value: str, what: str) -> str:
+    """Free text (a description, a tag, a base model name) must fit a text column: no NUL characters."""
+    if "\x00" in value:
+        raise InvalidInput(f"the {what} contains a NUL character (\\x00), which cannot be stored; remove it")
+    return value
+
+
+def check_config_storable(config: Any) -> None:
+    """Refuse an adapter config with a NUL character in a key or a string (JSON columns cannot hold one)."""
+    if _holds_nul(config):
+        raise InvalidAdapter(
+            "adapter_config.json contains a NUL character (\\u0000) in a key or a string, which cannot be stored; "
+            "remove it"
+        )
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -61,6 +87,10 @@ def resolve_version(session: Session, ref: str) -> AdapterVersion:
 
 def ensure_adapter(session: Session, name: str, base_model: str, tags: list[str], description: str) -> Adapter:
     """The adapter called ``name``, created if missing; refuses a different base model than its versions'."""
+    check_text(base_model, "base model")
+    check_text(description, "description")
+    for tag in tags:
+        check_text(tag, "tag")
     adapter = repo.get_adapter(session, check_name(name))
     if adapter is None:
         adapter = Adapter(name=name, description=description, tags=sorted(set(tags)))
@@ -157,6 +187,7 @@ def _record_upload(
     *,
     source: str,
 ) -> Registered:
+    check_config_storable(facts.config)
     adapter = ensure_adapter(session, name, facts.base_model, tags, description)
     sha, key, _created = store.put_file(facts.weights_path)
     latest = repo.get_version(session, name, None)

@@ -16,7 +16,8 @@ from registry import repositories as repo
 from registry.artifacts import ArtifactStore
 from registry.errors import InvalidInput
 from registry.formats.peft import inspect_peft_folder
-from registry.services.adapters import Registered, add_version, check_name, ensure_adapter
+from registry.services.adapters import Registered, add_version, check_config_storable, check_name, ensure_adapter
+from registry.services.publications import check_repo_id
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # hf://namespace/name[/sub/folder][@revision]; a revision may itself contain '/' (refs/pr/1) but not '@'.
@@ -50,6 +51,7 @@ def parse_hub_uri(text: str, endpoint: str) -> HubOrigin:
     match = _HF_URI.match(text.strip())
     if not match:
         raise InvalidInput(f"invalid Hub reference {text!r}: write hf://ORG/REPO or hf://ORG/REPO@REVISION")
+    check_repo_id(match["repo"])  # the Hub's own rules (no '--' or '..', at most 96 characters a part)
     sub = match["sub"].strip("/") or None
     return HubOrigin(endpoint=endpoint, repo_id=match["repo"], revision=match["rev"] or "main", subfolder=sub)
 
@@ -76,6 +78,7 @@ def register_hub_folder(
     if origin.commit is None or not _COMMIT.match(origin.commit):
         raise InvalidInput(f"the Hub did not resolve {origin.uri} to a commit; try again or pin a commit sha")
     facts = inspect_peft_folder(folder, base_model_override=base_model)
+    check_config_storable(facts.config)
     adapter = ensure_adapter(session, name, facts.base_model, tags or [], description)
     sha, key, _created = store.put_file(facts.weights_path)
     latest = repo.get_version(session, name, None)

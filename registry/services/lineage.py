@@ -23,8 +23,8 @@ def lineage_graph(session: Session, version: AdapterVersion, direction: str = "u
     walks = ["up", "down"] if direction == "both" else [direction]
     edges = [row for walk in walks for row in repo.walk_lineage(session, version.id, walk, depth)]
     ids = {version.id} | {e.child_id for e in edges} | {e.parent_id for e in edges}
-    versions = repo.get_versions_by_ids(session, sorted(ids))
-    published = repo.latest_published(session, sorted(ids))
+    versions = repo.version_refs(session, sorted(ids))  # plain columns: a graph needs names, not module tables
+    published = repo.latest_published(session, sorted(v.id for v in versions.values() if v.published))
     return {
         "root": version.ref,
         "nodes": [

@@ -233,3 +233,70 @@ def test_lineage_graph_up_down_both_with_depth(api: Api, make_adapter) -> None:
     assert_error(api.client.get("/v1/adapters/code/versions/1/lineage", params={"depth": 0}), 422, "invalid_request")
     assert_error(api.client.get("/v1/adapters/code/versions/1/lineage", params={"depth": 65}), 422, "invalid_request")
     assert_error(api.client.get("/v1/adapters/ghost/versions/1/lineage"), 404, "adapter_not_found")
+
+
+# -- found by the OpenAPI fuzzer (tests/api/test_openapi_fuzz.py): bad input is 4xx, never 500 ----------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/v1/adapters?q=%00",
+        "/v1/adapters?tag=code%00",
+        "/v1/adapters?base_model=%00",
+        "/v1/adapters/code%00",
+        "/v1/adapters/%00/versions/1",
+        "/v1/adapters/code/versions/1/publish?repo=%00",
+        "/v1/merges/%00",
+    ],
+)
+def test_a_nul_in_the_url_is_422_not_500(api: Api, make_adapter, url: str) -> None:
+    # PostgreSQL refuses NUL in text ("A string literal cannot contain NUL"); it used to reach the query.
+    assert api.upload("code", make_adapter("code")).status_code == 201
+    error = assert_error(api.client.get(url), 422, "invalid_request")
+    assert "NUL" in error["message"]
+
+
+@pytest.mark.parametrize("version", ["2147483648", "99999999999999999999", "v9223372036854775808"])
+def test_version_numbers_beyond_the_database_integers_are_404_not_500(api: Api, make_adapter, version: str) -> None:
+    # AdapterVersion.number is an INTEGER column: comparing it with 2**31 failed with "integer out of range".
+    assert api.upload("code", make_adapter("code")).status_code == 201
+    assert_error(api.client.get(f"/v1/adapters/code/versions/{version}"), 404, "version_not_found")
+    assert_error(api.client.get(f"/v1/adapters/code/versions/{version}/lineage"), 404, "version_not_found")
+    url = f"/v1/adapters/code/versions/{version}/files/adapter_config.json"
+    assert_error(api.client.get(url), 404, "version_not_found")
+    assert_error(api.client.get(f"/v1/adapters/ghost/versions/{version}"), 404, "adapter_not_found")
+
+
+@pytest.mark.parametrize(
+    ("form", "fragment"),
+    [
+        ({"description": "a\x00b"}, "description"),
+        ({"base_model": "acme\x00"}, "base model"),
+        ({"tags": "a\x00b"}, "tag"),
+    ],
+    ids=["description", "base-model", "tags"],
+)
+def test_upload_text_with_a_nul_is_422_not_500(api: Api, make_adapter, form: dict[str, str], fragment: str) -> None:
+    error = assert_error(api.upload("code", make_adapter("code"), **form), 422, "invalid_input")
+    assert fragment in error["message"] and "NUL" in error["message"]
+    assert_error(api.client.get("/v1/adapters/code"), 404, "adapter_not_found")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"note": "a\x00b"}, {"base_model_name_or_path": f"{BASE}\x00"}, {"target_modules": ["q_proj\x00"]}],
+    ids=["extra-field", "base-model", "nested"],
+)
+def test_an_adapter_config_with_a_nul_is_invalid_adapter_not_500(api: Api, overrides: dict[str, object]) -> None:
+    # JSON columns refuse "\u0000" ("unsupported Unicode escape sequence"); so do text columns.
+    files = {"adapter_config.json": config(**overrides), "adapter_model.safetensors": weights()}
+    error = assert_error(api.upload_files("bad", files), 422, "invalid_adapter")
+    assert "NUL" in error["message"]
+    assert_error(api.client.get("/v1/adapters/bad"), 404, "adapter_not_found")
+
+
+def test_an_adapter_name_with_a_trailing_newline_is_refused(api: Api, make_adapter) -> None:
+    # The name pattern ended in '$', which also matches before a final newline: "y\n" was registered.
+    assert_error(api.upload("y\n", make_adapter("y")), 422, "invalid_input")
+    assert api.client.get("/v1/adapters").json()["total"] == 0

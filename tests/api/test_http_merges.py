@@ -153,3 +153,47 @@ def test_an_unreachable_broker_fails_the_job_instead_of_losing_it(
     assert_error(brokerless_api.merge("code + math", "lost"), 503, "broker_unavailable")
     jobs = api.client.get("/v1/merges").json()["items"]
     assert len(jobs) == 1 and jobs[0]["status"] == "failed" and jobs[0]["error"]["code"] == "broker_unavailable"
+
+
+# -- found by the OpenAPI fuzzer (tests/api/test_openapi_fuzz.py): bad input is 4xx, never 500 ----------------
+
+
+def test_a_nul_in_a_job_id_is_422_not_500(api: Api) -> None:
+    assert_error(api.client.get("/v1/merges/job%00"), 422, "invalid_request")
+    assert_error(api.client.post("/v1/merges/job%00/cancel", headers=api.auth()), 422, "invalid_request")
+
+
+def test_a_nul_in_a_request_body_is_422_not_500(api: Api, leaves: None) -> None:
+    # The target name was looked up (a finished job with the same plan) before it was validated.
+    error = assert_error(api.merge("code", "x\x00"), 422, "invalid_request")
+    assert error["details"][0]["loc"] == ["body", "name"]
+    assert_error(api.merge("code", "x", tags=["a\x00"]), 422, "invalid_request")
+    assert_error(api.client.post("/v1/plans", json={"expression": "code\x00"}), 422, "invalid_request")
+    publish = api.client.post("/v1/adapters/code/versions/1/publish", json={"repo": "a/b\x00"}, headers=api.auth())
+    assert_error(publish, 422, "invalid_request")
+    assert api.client.get("/v1/merges").json()["total"] == 0
+
+
+def test_a_bad_target_name_is_refused_before_it_is_looked_up(api: Api, leaves: None) -> None:
+    # Also a name that ends in a newline, which the name pattern used to let through.
+    assert_error(api.merge("code", "x\n"), 422, "invalid_input")
+    assert_error(api.merge("code", "x" * 201), 422, "invalid_request")
+    assert api.client.get("/v1/merges").json()["total"] == 0
+
+
+@pytest.mark.parametrize("body", [b"\xff\xff", b'{"expression": "\xe9"}'], ids=["binary", "latin-1"])
+def test_a_json_body_that_is_not_utf8_is_422_not_400(api: Api, body: bytes) -> None:
+    # FastAPI answers 400 "There was an error parsing the body", which the OpenAPI document does not list;
+    # malformed JSON is 422 invalid_request, and so is JSON that is not UTF-8.
+    headers = {**api.auth(), "content-type": "application/json"}
+    assert_error(api.client.post("/v1/plans", content=body, headers=headers), 422, "invalid_request")
+    assert_error(api.client.post("/v1/merges", content=body, headers=headers), 422, "invalid_request")
+
+
+@pytest.mark.parametrize("expression", ["1e308*code + 1e308*code", "-1e308*code - 1e308*toxic - 1e308*code"])
+def test_coefficients_that_overflow_when_collected_are_422_not_500(api: Api, leaves: None, expression: str) -> None:
+    # Each product was checked, but collecting like terms summed two finite weights into inf: the plan showed
+    # the weight as null, and storing the job's plan (JSON has no Infinity) failed with a 500.
+    assert_error(api.client.post("/v1/plans", json={"expression": expression}), 422, "bad_number")
+    assert_error(api.merge(expression, "out"), 422, "bad_number")
+    assert api.client.get("/v1/merges").json()["total"] == 0

@@ -164,3 +164,26 @@ def test_ingest_from_the_hub_over_http(hub_api: HubApi, hub: HubServer, make_ada
     hub.fail_next("info", count=10, status=503)
     flaky = {"name": "y", "hub_repo": "acme/code-lora"}
     assert_error(hub_api.client.post("/v1/adapters", json=flaky, headers=hub_api.auth()), 503, "hub_unavailable")
+
+
+def test_ingest_refuses_bad_names_and_repo_ids_before_asking_the_hub(
+    hub_api: HubApi,
+    hub: HubServer,  # noqa: F811
+    make_adapter: Any,
+) -> None:
+    # Found by the OpenAPI fuzzer: repo ids the Hub's own client refuses ('--', '..', a part over 96 characters)
+    # were answered 502 hub_error, as if the Hub had failed; they are the caller's mistake.
+    for repo_id in ("acme..x/lora", "acme/lo--ra", "acme/" + "a" * 97):
+        response = hub_api.client.post("/v1/adapters", json={"name": "x", "hub_repo": repo_id}, headers=hub_api.auth())
+        error = assert_error(response, 422, "invalid_input")
+        assert "invalid Hub repo" in error["message"]
+    body = {"name": "1-bad name", "hub_repo": "acme/code-lora"}
+    assert_error(hub_api.client.post("/v1/adapters", json=body, headers=hub_api.auth()), 422, "invalid_input")
+    assert hub.requests == []  # nothing was downloaded to be refused afterwards
+
+    # A revision beyond latin-1 is an unknown revision (the test Hub used to fail on it with a 500: its error
+    # header could not be encoded).
+    folder = make_adapter("remote", seed=5)
+    hub.put_files("acme/code-lora", {p.name: p.read_bytes() for p in folder.iterdir()})
+    body = {"name": "x", "hub_repo": "acme/code-lora", "revision": "v\u2603"}
+    assert_error(hub_api.client.post("/v1/adapters", json=body, headers=hub_api.auth()), 404, "hub_not_found")

@@ -82,6 +82,8 @@ class Checker:
         for op, _item, v in values:
             assert isinstance(v, Linear)
             builder.add(v, 1.0 if op == "+" else -1.0)
+        if not builder.finite:
+            raise CompileError("bad_number", "this sum overflows; use smaller numbers", node.span)
         return builder.build()
 
     def _product(self, node: ast.Product) -> Value:

@@ -170,6 +170,11 @@ class LinearBuilder:
             slot.coefficient += coefficient
             slot.largest = max(slot.largest, abs(coefficient))
 
+    @property
+    def finite(self) -> bool:
+        """False when a collected coefficient overflowed (``1e308*a + 1e308*a``) or became NaN (``inf - inf``)."""
+        return all(math.isfinite(slot.coefficient) for slot in self._slots.values())
+
     def build(self) -> Linear:
         terms = tuple(
             (slot.coefficient, slot.atom)
