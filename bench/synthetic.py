@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,8 +66,13 @@ def write_adapter(
     alpha_pattern: dict[str, float] | None = None,
     use_rslora: bool = False,
     extra_config: dict[str, object] | None = None,
+    conv_modules: Collection[str] = (),
 ) -> Path:
-    """Write a PEFT LoRA folder with random (non-zero) A and B factors. Returns the folder."""
+    """Write a PEFT LoRA folder with random (non-zero) A and B factors. Returns the folder.
+
+    Modules named in ``conv_modules`` are LoRAs on a 1×1 Conv2d: the same values, stored 4-D as PEFT stores
+    them, A as (r, in, 1, 1) and B as (out, r, 1, 1).
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -80,6 +86,9 @@ def write_adapter(
         r = int(pattern_value(rank_pattern or {}, name, rank))
         tensors[f"{name}.lora_A.weight"] = (torch.randn(r, in_f, generator=generator) / in_f**0.5).to(dtype)
         tensors[f"{name}.lora_B.weight"] = (torch.randn(out_f, r, generator=generator) * 0.02).to(dtype)
+        if name in conv_modules:
+            for which in "AB":
+                tensors[f"{name}.lora_{which}.weight"] = tensors[f"{name}.lora_{which}.weight"][:, :, None, None]
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     config: dict[str, object] = {

@@ -29,8 +29,8 @@ def analyze_versions(
 ) -> dict[str, Any]:
     """Per-module and overall norms, pairwise cosines, effective ranks (and sign conflicts) of ``refs``.
 
-    Only modules that every operand has, with the same shape, are compared. Raises ``InvalidInput`` for
-    fewer than one reference, a bad density, or operands on different base models.
+    Only modules that every operand has, with the same shape and layer kind, are compared. Raises ``InvalidInput``
+    for fewer than one reference, a bad density, or operands on different base models.
     """
     if not refs:
         raise InvalidInput("name at least one adapter, e.g. `graft analyze code math`")
@@ -44,7 +44,10 @@ def analyze_versions(
         tables = [dict(v.modules) for v in versions]
     if len(bases) > 1:
         raise InvalidInput(f"the adapters are for different base models ({', '.join(sorted(bases))})")
-    shared = sorted(m for m in set(tables[0]).intersection(*tables[1:]) if len({tuple(t[m][:2]) for t in tables}) == 1)
+    # Same shape and same layer kind (rows of 1×1 conv modules end in their kernel, Linear rows have none).
+    shared = sorted(
+        m for m in set(tables[0]).intersection(*tables[1:]) if len({(*t[m][:2], *t[m][4:6]) for t in tables}) == 1
+    )
     n = len(refs)
     inner = torch.zeros(n, n, dtype=torch.float64)
     conflicting = overlapping = 0

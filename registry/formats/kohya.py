@@ -2,7 +2,9 @@
 
 A kohya file holds, for each module ("stem"), ``<stem>.lora_down.weight`` (rank × in), ``<stem>.lora_up.weight``
 (out × rank) and optionally a scalar ``<stem>.alpha``; ΔW = (alpha/rank) · up @ down, and alpha defaults to the
-rank (scale 1). Kohya stems are flat (``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``,
+rank (scale 1). A module on a 1×1 Conv2d has 4-D factors, (rank, in, 1, 1) and (out, rank, 1, 1), converted with
+their shapes (PEFT's Conv2d LoRA stores them so); conv LoRA with a larger kernel (LoCon) is refused.
+Kohya stems are flat (``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``,
 ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``); the diffusers layout uses dotted stems and
 ``<stem>.lora.down.weight`` / ``<stem>.lora.up.weight``
 (``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight``).
@@ -32,7 +34,7 @@ import numpy as np
 
 from registry.artifacts import sha256_file
 from registry.errors import InvalidAdapter, NotSupported
-from registry.formats.peft import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, lora_scale, pattern_value
+from registry.formats.peft import CONFIG_FILE, PEFT_PREFIX, WEIGHTS_FILE, factor_kernel, lora_scale, pattern_value
 from registry.formats.safetensors_file import (
     DTYPE_BYTES,
     SafetensorsHeader,
@@ -85,7 +87,10 @@ _SCALAR_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "BF16": "<u2", "I32"
 
 @dataclass(frozen=True)
 class KohyaModule:
-    """One module: ΔW = (alpha/rank) · up @ down, with down (rank, in) and up (out, rank)."""
+    """One module: ΔW = (alpha/rank) · up @ down, with down (rank, in) and up (out, rank).
+
+    On a 1×1 Conv2d (``proj_in``/``proj_out`` of SD 1.5, say) down is (rank, in, 1, 1) and up (out, rank, 1, 1).
+    """
 
     stem: str
     down: TensorInfo
@@ -224,11 +229,7 @@ def _module(path: Path, stem: str, slot: dict[str, TensorInfo]) -> KohyaModule:
     for info in (down, up):
         if info.dtype not in DTYPE_BYTES:
             raise InvalidAdapter(f"tensor {info.name!r} has dtype {info.dtype}; Graft reads F32, F16, BF16 and F64")
-    if len(down.shape) != 2 or len(up.shape) != 2:
-        raise InvalidAdapter(
-            f"module {stem!r}: lora_down is {list(down.shape)} and lora_up is {list(up.shape)}; only 2-D (Linear) "
-            "LoRA factors are supported, not conv LoRA (LoCon): export the LoRA without conv layers"
-        )
+    factor_kernel(stem, down.shape, up.shape, ("lora_down", "lora_up"))  # 2-D, or 4-D with a 1×1 kernel
     if down.shape[0] != up.shape[1]:
         raise InvalidAdapter(
             f"module {stem!r}: lora_down is {list(down.shape)} (rank {down.shape[0]}) but lora_up is "
@@ -429,9 +430,10 @@ def write_kohya_file(
 ) -> Path:
     """Write a PEFT adapter (weights file + config) as a kohya LoRA file at ``out_path``; return it.
 
-    Per module: ``<stem>.lora_down.weight`` = lora_A, ``<stem>.lora_up.weight`` = lora_B (bytes unchanged) and a
-    0-d ``<stem>.alpha`` chosen so that alpha/rank equals the module's PEFT scale (rank_pattern, alpha_pattern and
-    rsLoRA included), so every ΔW is the same. Stems follow :func:`kohya_stem`. DoRA and LoRA-bias adapters have
+    Per module: ``<stem>.lora_down.weight`` = lora_A, ``<stem>.lora_up.weight`` = lora_B (bytes and shapes
+    unchanged: a 1×1 conv module keeps its 4-D factors, as kohya writes them) and a 0-d ``<stem>.alpha`` chosen so
+    that alpha/rank equals the module's PEFT scale (rank_pattern, alpha_pattern and rsLoRA included), so every ΔW
+    is the same. Stems follow :func:`kohya_stem`. DoRA and LoRA-bias adapters have
     no kohya form and raise :class:`NotSupported`.
     """
     if config.get("use_dora") or config.get("lora_bias"):

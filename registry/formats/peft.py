@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,17 +27,67 @@ _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 _VARIANT_SUFFIXES = (".lora_magnitude_vector", ".lora_magnitude_vector.weight", ".lora_B.bias")
 
 
+CONV_1X1 = (1, 1)
+"""The only convolution kernel whose LoRA Graft merges: ΔW of a 1×1 Conv2d is the 2-D product, reshaped."""
+
+
 @dataclass(frozen=True)
 class ModuleFacts:
-    """One LoRA module: ΔW = scale · B @ A with B of shape (out, rank) and A of shape (rank, in)."""
+    """One LoRA module: ΔW = scale · B @ A with B of shape (out, rank) and A of shape (rank, in).
+
+    ``kernel`` is None for a Linear layer (2-D factors) and ``(1, 1)`` for a Conv2d with a 1×1 kernel, whose
+    factors are stored 4-D, A as (rank, in, 1, 1) and B as (out, rank, 1, 1): ΔW[out, in, 1, 1] is then
+    ``scale · B.view(out, rank) @ A.view(rank, in)``, so every merge works on the 2-D views.
+    """
 
     out_features: int
     in_features: int
     rank: int
     scale: float
+    kernel: tuple[int, int] | None = None
 
     def as_row(self) -> list[float | int]:
-        return [self.out_features, self.in_features, self.rank, self.scale]
+        """``[out, in, rank, scale]``, followed by ``kh, kw`` for a conv module (the version's ``modules`` JSON)."""
+        row: list[float | int] = [self.out_features, self.in_features, self.rank, self.scale]
+        if self.kernel is not None:
+            row.extend(self.kernel)
+        return row
+
+    @classmethod
+    def from_row(cls, row: Sequence[float | int]) -> ModuleFacts:
+        """The inverse of :meth:`as_row`; rows without a kernel (all rows before conv support) are Linear."""
+        return cls(int(row[0]), int(row[1]), int(row[2]), float(row[3]), row_kernel(row))
+
+
+def row_kernel(row: Sequence[float | int]) -> tuple[int, int] | None:
+    """The kernel a stored module row records: ``(kh, kw)`` for a conv module, None for a Linear one."""
+    return (int(row[4]), int(row[5])) if len(row) > 4 else None
+
+
+def factor_kernel(
+    module: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], names: tuple[str, str] = ("lora_A", "lora_B")
+) -> tuple[int, int] | None:
+    """Check the factors' layouts: None for 2-D (Linear) factors, ``(1, 1)`` for a 1×1 Conv2d's 4-D ones.
+
+    Raises :class:`InvalidAdapter` for anything else: a larger kernel, mixed 2-D/4-D factors, a B factor that
+    is not (out, rank, 1, 1), other dimensionalities (Conv1d/Conv3d LoRA, 1-D tensors). ``names`` are the
+    factors' names in the file (``lora_down``/``lora_up`` for kohya), for the messages.
+    """
+    a_name, b_name = names
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return None
+    if len(a_shape) == 4 and (a_shape[2], a_shape[3]) != CONV_1X1:
+        kh, kw = a_shape[2], a_shape[3]
+        raise InvalidAdapter(
+            f"module {module!r}: conv LoRA with a {kh}×{kw} kernel is not supported yet; only 1×1 kernels "
+            f"(export the LoRA without its {kh}×{kw} conv layers)"
+        )
+    if len(a_shape) == 4 and len(b_shape) == 4 and (b_shape[2], b_shape[3]) == CONV_1X1:
+        return CONV_1X1
+    raise InvalidAdapter(
+        f"module {module!r}: {a_name} is {list(a_shape)} and {b_name} is {list(b_shape)}; LoRA factors must be 2-D "
+        f"(Linear), or 4-D with a 1×1 kernel (Conv2d: {a_name} (rank, in, 1, 1), {b_name} (out, rank, 1, 1))"
+    )
 
 
 @dataclass(frozen=True)
@@ -183,10 +234,7 @@ def inspect_peft_folder(folder: Path, base_model_override: str | None = None) ->
             if which in pair and other not in pair:
                 raise InvalidAdapter(f"module {module!r} has lora_{which} but no lora_{other}; the file is incomplete")
         a_shape, b_shape = pair["A"], pair["B"]
-        if len(a_shape) != 2 or len(b_shape) != 2:
-            raise InvalidAdapter(
-                f"module {module!r}: only 2-D (Linear) LoRA factors are supported, got lora_A {list(a_shape)}"
-            )
+        kernel = factor_kernel(module, a_shape, b_shape)
         expected = int(pattern_value(rank_pattern, module, rank))
         if a_shape[0] != expected or b_shape[1] != expected:
             raise InvalidAdapter(
@@ -194,7 +242,8 @@ def inspect_peft_folder(folder: Path, base_model_override: str | None = None) ->
                 f"rank {expected} (r / rank_pattern); fix adapter_config.json or the weights"
             )
         module_alpha = float(pattern_value(alpha_pattern, module, alpha))
-        modules[module] = ModuleFacts(b_shape[0], a_shape[1], expected, lora_scale(module_alpha, expected, use_rslora))
+        scale = lora_scale(module_alpha, expected, use_rslora)
+        modules[module] = ModuleFacts(b_shape[0], a_shape[1], expected, scale, kernel)
 
     for info in header.tensors.values():
         bad = count_nonfinite(weights, info)

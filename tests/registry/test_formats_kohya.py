@@ -8,7 +8,7 @@ converted folder with ``peft.PeftModel.from_pretrained``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +69,12 @@ def write_kohya(
     seed: int = 0,
     metadata: dict[str, str] | None = None,
     extra: dict[str, torch.Tensor] | None = None,
+    conv: Collection[str] = (),
 ) -> Path:
-    """A kohya (``.lora_down.weight``) or diffusers (``.lora.down.weight``) file with random factors."""
+    """A kohya (``.lora_down.weight``) or diffusers (``.lora.down.weight``) file with random factors.
+
+    Stems in ``conv`` are LoRAs on a 1×1 Conv2d: the same values, stored (rank, in, 1, 1) and (out, rank, 1, 1).
+    """
     generator = torch.Generator().manual_seed(seed)
     down, up = (
         (".lora_down.weight", ".lora_up.weight") if style == "kohya" else (".lora.down.weight", ".lora.up.weight")
@@ -79,6 +83,11 @@ def write_kohya(
     for stem, (out_f, in_f, rank, alpha) in modules.items():
         tensors[stem + down] = (torch.randn(rank, in_f, generator=generator) / in_f**0.5).to(dtype)
         tensors[stem + up] = (torch.randn(out_f, rank, generator=generator) * 0.05).to(dtype)
+        if stem in conv:
+            tensors[stem + down], tensors[stem + up] = (
+                tensors[stem + down][..., None, None],
+                tensors[stem + up][..., None, None],
+            )
         if alpha is not None:
             tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=alpha_dtype)
     tensors.update(extra or {})
@@ -88,7 +97,7 @@ def write_kohya(
 
 
 def kohya_deltas(path: Path) -> dict[str, torch.Tensor]:
-    """ΔW = (alpha/rank) · up @ down of every module of a kohya/diffusers file, in float64."""
+    """ΔW = (alpha/rank) · up @ down of every module of a kohya/diffusers file, in float64 (2-D for 1×1 convs)."""
     with safe_open(str(path), framework="pt") as handle:
         names = set(handle.keys())
         tensors = {n: handle.get_tensor(n) for n in names}
@@ -100,20 +109,21 @@ def kohya_deltas(path: Path) -> dict[str, torch.Tensor]:
         ):
             if name.endswith(down_suffix):
                 stem = name.removesuffix(down_suffix)
-                down, up = tensors[name].double(), tensors[stem + up_suffix].double()
+                down, up = tensors[name].double().flatten(1), tensors[stem + up_suffix].double().flatten(1)
                 alpha = float(tensors[f"{stem}.alpha"]) if f"{stem}.alpha" in tensors else down.shape[0]
                 deltas[stem] = alpha / down.shape[0] * (up @ down)
     return deltas
 
 
 def peft_deltas(weights: Path, modules: dict[str, list[Any]]) -> dict[str, torch.Tensor]:
-    """ΔW = scale · B @ A of every module of a stored PEFT artifact (scales from the version's facts)."""
+    """ΔW = scale · B @ A of every module of a stored PEFT artifact (scales from the version's facts; 2-D for 1×1
+    convs)."""
     with safe_open(str(weights), framework="pt") as handle:
         return {
             module: row[3]
             * (
-                handle.get_tensor(f"{module}.lora_B.weight").double()
-                @ handle.get_tensor(f"{module}.lora_A.weight").double()
+                handle.get_tensor(f"{module}.lora_B.weight").double().flatten(1)
+                @ handle.get_tensor(f"{module}.lora_A.weight").double().flatten(1)
             )
             for module, row in modules.items()
         }
@@ -179,8 +189,17 @@ REFUSALS: list[tuple[str, Callable[[dict[str, torch.Tensor]], None], str]] = [
         _set("lora_unet_mid_block_attn1_to_v.alpha", torch.tensor(4.0)),
         "module 'lora_unet_mid_block_attn1_to_v' has an alpha but no lora_down/lora_up factors",
     ),
-    ("conv 3x3", _set(f"{Q}.lora_down.weight", torch.randn(4, 24, 3, 3)), "not conv LoRA (LoCon)"),
-    ("conv 1x1", _set(f"{Q}.lora_down.weight", torch.randn(4, 24, 1, 1)), "only 2-D (Linear) LoRA factors"),
+    (
+        "conv 3x3",
+        _set(f"{Q}.lora_down.weight", torch.randn(4, 24, 3, 3)),
+        f"module '{Q}': conv LoRA with a 3×3 kernel is not supported yet; only 1×1 kernels",
+    ),
+    (
+        "conv 1x1 down, 2-D up",
+        _set(f"{Q}.lora_down.weight", torch.randn(4, 24, 1, 1)),
+        "or 4-D with a 1×1 kernel (Conv2d: lora_down (rank, in, 1, 1), lora_up (out, rank, 1, 1))",
+    ),
+    ("3-D factor", _set(f"{Q}.lora_down.weight", torch.randn(4, 24, 1)), "LoRA factors must be 2-D (Linear)"),
     ("rank mismatch", _set(f"{Q}.lora_up.weight", torch.randn(32, 5)), "(rank 4) but lora_up is [32, 5] (rank 5)"),
     ("NaN", _poison(f"{Q}.lora_down.weight", float("nan")), f"tensor '{Q}.lora_down.weight' has 1 NaN/Inf value(s)"),
     (

@@ -37,7 +37,11 @@ class OperandInfo(Protocol):
 
     @property
     def modules(self) -> Mapping[str, Sequence[float]]:
-        """Module name → ``[out_features, in_features, rank, scale]``."""
+        """Module name → ``[out_features, in_features, rank, scale]``, then ``kh, kw`` for a conv module.
+
+        A 4-element row is a Linear layer (2-D factors); ``[out, in, rank, scale, 1, 1]`` is a Conv2d with a
+        1×1 kernel (4-D factors, same ΔW as the 2-D product).
+        """
         ...
 
 

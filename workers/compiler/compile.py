@@ -76,7 +76,15 @@ def _compile(text: str, catalog: Catalog, max_rank: int) -> MergePlan:
         # Spelled with every operand, so that the normalised text compiles to these same (zero) modules.
         normalized = " + ".join(f"0*{key.ref}" for key in sorted(resolver.operands, key=lambda k: k.ref))
         steps = [
-            ModuleStep(module=m, out_features=o, in_features=i, path="factored", rank=1, program=LinearNode())
+            ModuleStep(
+                module=m,
+                out_features=o,
+                in_features=i,
+                kernel=resolver.kernels.get(m),
+                path="factored",
+                rank=1,
+                program=LinearNode(),
+            )
             for m, (o, i, _k) in sorted(resolver.shapes.items())
         ]
         kept = []
@@ -103,6 +111,7 @@ def _lower(root: Linear, resolver: Resolver, ordered: list[Resolved], notes: Not
     """One step per module (sorted by name) where the expression is not zero."""
     table = OperandTable((r.leaf, i, r.info.sha256, r.modules) for i, r in enumerate(ordered))
     modules = sorted(resolver.shapes)
+    kernels = resolver.kernels
     memo = ProgramMemo(root, table, modules)
     steps: list[ModuleStep] = []
     for module in modules:
@@ -115,6 +124,7 @@ def _lower(root: Linear, resolver: Resolver, ordered: list[Resolved], notes: Not
                     module=module,
                     out_features=out_f,
                     in_features=in_f,
+                    kernel=kernels.get(module),
                     path=path,
                     rank=lowered.rank,
                     program=lowered.program,

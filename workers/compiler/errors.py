@@ -7,7 +7,7 @@ Codes: ``syntax``, ``empty``, ``too_long``, ``too_deep``, ``too_many_operands``,
 ``division_by_zero``, ``unknown_adapter``, ``unknown_version``, ``unknown_function``, ``arity``,
 ``missing_argument``, ``unknown_keyword``, ``duplicate_argument``, ``conflicting_arguments``,
 ``type_error``, ``out_of_bounds``, ``bad_value``, ``no_operands``, ``base_version``, ``base_call``,
-``base_mismatch``, ``shape_mismatch``, ``unsupported_adapter``.
+``base_mismatch``, ``shape_mismatch``, ``kernel_mismatch``, ``unsupported_adapter``.
 """
 
 from __future__ import annotations

@@ -147,11 +147,21 @@ DENSE_KINDS = frozenset({"ties", "dare", "dare_ties", "magnitude_prune"})
 
 
 class ModuleStep(_Frozen):
-    """One output module: its shape, how it runs, its output rank and its program."""
+    """One output module: its shape, how it runs, its output rank and its program.
+
+    ``kernel`` is ``(1, 1)`` when the module is a Conv2d with a 1×1 kernel: the operands' factors are read as
+    their 2-D views and the output factors are written 4-D, A as (rank, in, 1, 1) and B as (out, rank, 1, 1).
+    It is None (and absent from the plan's JSON and hash, so Linear plans are unchanged) for a Linear layer.
+    """
 
     module: str
     out_features: int
     in_features: int
+    kernel: tuple[int, int] | None = Field(
+        default=None,
+        exclude_if=lambda kernel: kernel is None,
+        description="(1, 1) for a 1×1 Conv2d module (4-D factors); absent for a Linear layer.",
+    )
     path: Literal["factored", "dense"]
     rank: int = Field(description="Output rank of this module (1 for an all-zero module).")
     program: Node
@@ -185,7 +195,8 @@ class MergePlan(_Frozen):
 
         Programs are already canonical; operand indexes are replaced by sha256 (content identity) and
         floats rounded to 12 significant digits. The expression text, lineage weights, warnings and cost
-        are not covered.
+        are not covered. A conv module's step carries its kernel before the program; a Linear step's list is
+        exactly what it was before conv modules existed.
         """
         shas = [op.sha256 for op in self.operands]
         # Steps often share one program object (the compiler reuses it across modules): canonicalise each
@@ -200,7 +211,10 @@ class MergePlan(_Frozen):
             "dtype": self.dtype,
             "task": self.task_type,
             "steps": [
-                [s.module, s.out_features, s.in_features, s.path, s.rank, programs[id(s.program)]] for s in self.steps
+                [s.module, s.out_features, s.in_features, s.path, s.rank, programs[id(s.program)]]
+                if s.kernel is None
+                else [s.module, s.out_features, s.in_features, s.path, s.rank, list(s.kernel), programs[id(s.program)]]
+                for s in self.steps
             ],
         }
 

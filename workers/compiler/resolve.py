@@ -33,7 +33,8 @@ class Resolved:
     leaf: Leaf
     span: Span
     modules: Mapping[str, Sequence[float]]
-    """Module name → ``[out_features, in_features, rank, scale]`` (the catalog's rows, as given)."""
+    """Module name → ``[out_features, in_features, rank, scale]`` (+ ``kh, kw`` for a conv module; the catalog's
+    rows, as given)."""
 
     @property
     def dtype(self) -> str:
@@ -49,6 +50,8 @@ class Resolver:
         self._source = source
         self.operands: dict[OperandKey, Resolved] = {}
         self.shapes: dict[str, tuple[int, int, OperandKey]] = {}
+        self.kernels: dict[str, tuple[int, int]] = {}
+        """The modules that are convolutions (module → kernel, ``(1, 1)``); absent: a Linear layer."""
         self.base_model: str | None = None
         self.base_pins: list[tuple[str, Span]] = []
         self._numbers: dict[str, list[int]] = {}
@@ -146,16 +149,26 @@ class Resolver:
                 f"{self.base_model!r}; all adapters in an expression must share a base model",
                 new.span,
             )
-        shapes = self.shapes
+        shapes, kernels = self.shapes, self.kernels
         for module, row in new.modules.items():
             seen = shapes.get(module)
+            kernel = (int(row[4]), int(row[5])) if len(row) > 4 else None
             if seen is None:
                 shapes[module] = (int(row[0]), int(row[1]), new.key)
+                if kernel is not None:
+                    kernels[module] = kernel
             elif seen[0] != row[0] or seen[1] != row[1]:
                 raise CompileError(
                     "shape_mismatch",
                     f"module {module!r} is {int(row[0])}x{int(row[1])} in {new.key.ref} but "
                     f"{seen[0]}x{seen[1]} in {seen[2].ref}; the adapters were trained on different architectures",
+                    new.span,
+                )
+            elif kernels.get(module) != kernel:
+                raise CompileError(
+                    "kernel_mismatch",
+                    f"module {module!r} is {_layer(kernel)} in {new.key.ref} but {_layer(kernels.get(module))} in "
+                    f"{seen[2].ref}; the adapters were trained on different architectures",
                     new.span,
                 )
 
@@ -172,6 +185,10 @@ class Resolver:
             )
         hint = did_you_mean(name, [*names, BASE_KEYWORD])
         return f"unknown adapter {name!r}{hint or '; `graft list` shows the registered adapters'}"
+
+
+def _layer(kernel: tuple[int, int] | None) -> str:
+    return "a Linear layer" if kernel is None else f"a {kernel[0]}×{kernel[1]} Conv2d"
 
 
 _NAME_CHAR = re.compile(r"[A-Za-z0-9_.\-/]")

@@ -18,6 +18,9 @@ Every node kind runs. Each node of a step's program evaluates to a value that is
 - ``orth``: factored through ``kernels.orth_factors`` (dense sides are re-factored to the step's rank
   first).
 
+A 1×1 Conv2d module (``step.kernel == (1, 1)``) runs exactly like a Linear one on the 2-D views of its factors
+(the reader squeezes the trailing ``(1, 1)``); the writer gives the output factors their 4-D shapes back.
+
 A step's final value is factored with exactly ``step.rank`` columns: a dense value is re-factored to it, a
 smaller rank is padded with zero columns/rows (so the written rank pattern is the plan's) and a larger one
 is truncated. Every truncation/re-factoring adds to the retained-energy bookkeeping (kept and total energy
@@ -281,8 +284,11 @@ class _Step:
 
 
 def check_executable(plan: MergePlan) -> None:
-    """Raise :class:`NotExecutable` when a step needs a node kind this executor does not know."""
+    """Raise :class:`NotExecutable` when a step needs a node kind (or a conv kernel) this executor does not know."""
     for step in plan.steps:
+        if step.kernel is not None and step.kernel != (1, 1):
+            kh, kw = step.kernel
+            raise NotExecutable(f"conv modules with a {kh}×{kw} kernel are not executable (module {step.module})")
         for node in walk(step.program):
             if node.kind not in _KNOWN_KINDS:
                 raise NotExecutable(f"strategy {node.kind!r} is not executable (module {step.module})")
@@ -327,7 +333,7 @@ def execute_plan(
                 if should_cancel is not None and should_cancel():
                     raise Cancelled(f"cancelled before module {index + 1} of {len(plan.steps)}")
                 b, a = _Step(step, reader, device, energy).run()
-                writer.add_module(step.module, b, a)
+                writer.add_module(step.module, b, a, kernel=step.kernel)
                 del b, a
                 if progress is not None:
                     progress(index + 1, len(plan.steps))

@@ -1,4 +1,8 @@
-"""Streaming access to operand adapters: one module's factors at a time, through ``safe_open``."""
+"""Streaming access to operand adapters: one module's factors at a time, through ``safe_open``.
+
+Factors come back as matrices whatever layer they belong to: a 1×1 Conv2d's 4-D factors, A (rank, in, 1, 1) and
+B (out, rank, 1, 1), are read as their 2-D views (rank, in) and (out, rank), whose product is the conv's ΔW.
+"""
 
 from __future__ import annotations
 
@@ -32,11 +36,20 @@ class OperandReader:
         self._handles.clear()
 
     def factors(self, operand: int, module: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, A)`` of ``module`` in operand ``operand``, as fp32 on the reader's device."""
+        """``(B, A)`` of ``module`` in operand ``operand``, as fp32 matrices on the reader's device."""
         handle = self._handles[operand]
-        a = handle.get_tensor(f"{module}.lora_A.weight")
-        b = handle.get_tensor(f"{module}.lora_B.weight")
+        a = as_matrix(handle.get_tensor(f"{module}.lora_A.weight"), f"{module}.lora_A.weight")
+        b = as_matrix(handle.get_tensor(f"{module}.lora_B.weight"), f"{module}.lora_B.weight")
         return (
             b.to(device=self._device, dtype=torch.float32),
             a.to(device=self._device, dtype=torch.float32),
         )
+
+
+def as_matrix(factor: torch.Tensor, name: str) -> torch.Tensor:
+    """A LoRA factor as a matrix: 2-D unchanged, a 1×1 conv's ``(m, n, 1, 1)`` as its ``(m, n)`` view (no copy)."""
+    if factor.dim() == 2:
+        return factor
+    if factor.dim() == 4 and factor.shape[2:] == (1, 1):
+        return factor.view(factor.shape[0], factor.shape[1])
+    raise ValueError(f"{name} is {list(factor.shape)}: only 2-D factors and 1×1 conv factors can be merged")

@@ -2,6 +2,7 @@
 
 Tensors are appended to a data file as they are produced and freed; ``finish`` writes the safetensors
 header in front and the config beside it. Peak memory is one module, whatever the adapter's size.
+A 1×1 Conv2d module's factors are written 4-D, as PEFT's Conv2d LoRA stores them: A (r, in, 1, 1), B (out, r, 1, 1).
 """
 
 from __future__ import annotations
@@ -44,10 +45,19 @@ class PeftFolderWriter:
         }
         self._offset = end
 
-    def add_module(self, module: str, b: torch.Tensor, a: torch.Tensor) -> None:
-        """Append one module's factors (``b: (out, r)``, ``a: (r, in)``)."""
-        if b.shape[1] != a.shape[0]:
+    def add_module(self, module: str, b: torch.Tensor, a: torch.Tensor, kernel: tuple[int, int] | None = None) -> None:
+        """Append one module's factors (``b: (out, r)``, ``a: (r, in)``).
+
+        ``kernel=(1, 1)``: the module is a 1×1 Conv2d, and the factors are written as ``(r, in, 1, 1)`` and
+        ``(out, r, 1, 1)`` (views of the same data).
+        """
+        if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
             raise ValueError(f"{module}: B is {tuple(b.shape)} but A is {tuple(a.shape)}")
+        if kernel is not None:
+            if tuple(kernel) != (1, 1):
+                kh, kw = kernel
+                raise ValueError(f"{module}: only 1×1 conv factors can be written, not a {kh}×{kw} kernel")
+            a, b = a[:, :, None, None], b[:, :, None, None]
         self._append(f"{module}.lora_A.weight", a)
         self._append(f"{module}.lora_B.weight", b)
         self.ranks[module] = int(a.shape[0])
