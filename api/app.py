@@ -9,6 +9,7 @@ Every error leaves through one handler and one table (``api/errors.py``): the bo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 from urllib.parse import unquote_plus
@@ -17,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import AppState
 from api.dispatch import Dispatcher, dispatcher_for
@@ -188,6 +189,42 @@ class RefuseNul:
         await self.app(scope, receive, send)
 
 
+class ConcurrencyLimit:
+    """Lets at most ``limit`` requests run their handlers at once; the others wait here, first come first served.
+
+    Why: every sync dependency and route runs on anyio's thread pool (40 threads), and a request holds its
+    pooled database connection from its first query (the token lookup) until it ends. With more requests in
+    flight than connections, threads block waiting for a connection while the requests holding connections
+    wait for a thread: nothing moves until the pool times out (30 s, then 500s). Keeping ``limit`` at most the
+    connection pool's size (``registry.db.POOL_CAPACITY``) means a running request always gets a connection.
+    The slot is released when the response starts, so a long file download does not hold one.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.slots = asyncio.Semaphore(limit)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/healthz":  # liveness must answer even when saturated
+            await self.app(scope, receive, send)
+            return
+        await self.slots.acquire()
+        held = True
+
+        async def send_releasing(message: Message) -> None:
+            nonlocal held
+            if held and message["type"] == "http.response.start":
+                held = False
+                self.slots.release()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_releasing)
+        finally:
+            if held:
+                self.slots.release()
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -221,6 +258,7 @@ def create_app(
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(BodyLimit, max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(RefuseNul)
+    app.add_middleware(ConcurrencyLimit, limit=settings.api_max_concurrency)  # outermost: waits before all work
     for router in (adapters.router, merges.router):
         app.include_router(router, prefix=f"/{API_VERSION}", responses=ERROR_RESPONSES)
     app.include_router(health.router)

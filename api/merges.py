@@ -13,6 +13,7 @@ from registry.catalog import RegistryCatalog
 from registry.errors import IdempotencyKeyReused
 from registry.models import MergeJob
 from registry.services import merges
+from registry.services.adapters import check_name
 from registry.settings import Settings
 from workers.compiler import MergePlan, compile_expression
 
@@ -66,6 +67,7 @@ def submit(
     - Unless ``force``, a plan already run into the same adapter is answered at once by a succeeded job that
       points at the earlier result (``reused``); nothing runs again.
     """
+    check_name(target_name)  # before any query uses it
     tags = merges.validate_tags(tags)
     if idempotency_key is not None:
         idempotency_key = scoped_idempotency_key(submitter, idempotency_key)
@@ -75,14 +77,20 @@ def submit(
     plan = plan_expression(session, settings, expression)
     plan_json, plan_hash = plan.model_dump(mode="json"), plan.hash()
     finished = None if force else repo.find_finished_job(session, plan_hash, target_name)
+
+    def record() -> MergeJob:
+        if finished is not None:
+            return merges.create_reused_job(session, finished, expression, tags, plan_json, idempotency_key)
+        job = merges.create_job(session, expression, target_name, tags, plan_json, plan_hash)
+        job.idempotency_key = idempotency_key
+        session.flush()
+        return job
+
+    if idempotency_key is None:  # nothing unique can clash: no savepoint round trips
+        return Submission(record(), replayed=False, reused=finished is not None)
     try:
         with session.begin_nested():
-            if finished is not None:
-                job = merges.create_reused_job(session, finished, expression, tags, plan_json, idempotency_key)
-            else:
-                job = merges.create_job(session, expression, target_name, tags, plan_json, plan_hash)
-                job.idempotency_key = idempotency_key
-                session.flush()
+            job = record()
     except IntegrityError:
         # Another request with the same key committed first: answer with its job.
         earlier = repo.get_job_by_idempotency_key(session, idempotency_key) if idempotency_key else None

@@ -676,7 +676,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000, help="timed submissions")
     parser.add_argument("--reuse-requests", type=int, default=500, help="timed submissions answered by reuse")
     parser.add_argument("--rate", type=float, default=20.0, help="then open loop at this many submissions/s (0: no)")
-    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     parser.add_argument(
         "--plain-uvicorn", action="store_true", help="serve with `uvicorn --workers N` as is (uvicorn#3149 applies)"
     )

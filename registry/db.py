@@ -14,6 +14,10 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+POOL_SIZE = 10
+POOL_CAPACITY = 20
+"""Connections a server engine keeps open, and the most it opens under load (the API's concurrency bound)."""
+
 
 def make_engine(url: str) -> Engine:
     """Create an engine; SQLite gets foreign keys and a folder to live in."""
@@ -39,7 +43,7 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_CAPACITY - POOL_SIZE)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, bindparam, case, func, literal, or_, select, type_coerce, update
 from sqlalchemy.dialects.postgresql import JSONB
@@ -67,6 +69,31 @@ def get_version(session: Session, adapter_name: str, number: int | None) -> Adap
     else:
         query = query.where(AdapterVersion.number == number)
     return session.scalar(query)
+
+
+def get_version_key(session: Session, adapter_name: str, number: int) -> tuple[Any, ...] | None:
+    """What identifies version ``number`` of an adapter, without loading its module table; None if absent.
+
+    ``(id, sha256, base model id, created_at, config as canonical JSON)``: with the name and number this
+    pins one immutable version's content even where a database hands an id out again after a rollback (SQLite).
+    """
+    if number > MAX_VERSION_NUMBER:
+        return None
+    query = (
+        select(
+            AdapterVersion.id,
+            AdapterVersion.sha256,
+            AdapterVersion.base_model_id,
+            AdapterVersion.created_at,
+            AdapterVersion.peft_config,
+        )
+        .join(Adapter)
+        .where(Adapter.name == adapter_name, AdapterVersion.number == number)
+    )
+    row = session.execute(query).one_or_none()
+    if row is None:
+        return None
+    return (row[0], row[1], row[2], row[3], json.dumps(row[4], sort_keys=True))
 
 
 def get_versions_by_ids(session: Session, ids: Sequence[int]) -> dict[int, AdapterVersion]:

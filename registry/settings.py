@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from registry.db import POOL_CAPACITY, POOL_SIZE
 from registry.errors import InvalidConfig
 
 DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
@@ -67,6 +68,13 @@ class Settings(BaseSettings):
     )
     public_reads: bool = Field(default=True, description="Reads need no token when true; writes always need one.")
     max_upload_bytes: int = Field(default=4 << 30, ge=1, description="Largest adapter upload (all files together).")
+    api_max_concurrency: int = Field(
+        default=POOL_SIZE,
+        ge=1,
+        le=POOL_CAPACITY,
+        description="Requests one API process handles at once; more wait their turn. At most the database "
+        f"connection pool ({POOL_CAPACITY}), so a running request never waits for a connection.",
+    )
 
     # -- publishing (issue 6) ------------------------------------------------------------------------
     hub_endpoint: str | None = Field(
