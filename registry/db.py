@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 POOL_SIZE = 10
@@ -22,10 +22,14 @@ POOL_CAPACITY = 20
 def make_engine(url: str) -> Engine:
     """Create an engine; SQLite gets foreign keys and a folder to live in."""
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
+        database = make_url(url).database
+        in_memory = database in (None, "", ":memory:") or "mode=memory" in url
+        if not in_memory:
+            Path(str(database)).parent.mkdir(parents=True, exist_ok=True)
+        # A file database gets the same pool bounds as a server one (the API's concurrency gate relies on them);
+        # an in-memory one keeps SQLAlchemy's single-connection pool.
+        pool: dict[str, Any] = {"pool_size": POOL_SIZE, "max_overflow": POOL_CAPACITY - POOL_SIZE}
+        engine = create_engine(url, connect_args={"timeout": 30}, **({} if in_memory else pool))
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
