@@ -140,7 +140,22 @@ def _load_config(folder: Path) -> dict[str, Any]:
         raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON (line {exc.lineno}, column {exc.colno})") from None
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{CONFIG_FILE} must hold a JSON object")
+    if _holds_nul(config):  # neither text nor JSON columns can store one (PostgreSQL refuses "\u0000")
+        raise InvalidAdapter(
+            f"{CONFIG_FILE} contains a NUL character (\\u0000) in a key or a string, which cannot be stored; "
+            "remove it"
+        )
     return config
+
+
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 def _number(config: dict[str, Any], key: str, default: float | None) -> float:

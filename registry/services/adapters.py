@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from registry import repositories as repo
 from registry.artifacts import ArtifactStore
-from registry.errors import AdapterNotFound, Conflict, InvalidAdapter, InvalidInput, VersionNotFound
+from registry.errors import AdapterNotFound, Conflict, InvalidInput, VersionNotFound
 from registry.formats.kohya import convert_kohya_to_peft, find_kohya_file
 from registry.formats.peft import AdapterFacts, inspect_peft_folder
 from registry.models import Adapter, AdapterVersion
@@ -44,25 +44,6 @@ def check_text(value: str, what: str) -> str:
     if "\x00" in value:
         raise InvalidInput(f"the {what} contains a NUL character (\\x00), which cannot be stored; remove it")
     return value
-
-
-def check_config_storable(config: Any) -> None:
-    """Refuse an adapter config with a NUL character in a key or a string (JSON columns cannot hold one)."""
-    if _holds_nul(config):
-        raise InvalidAdapter(
-            "adapter_config.json contains a NUL character (\\u0000) in a key or a string, which cannot be stored; "
-            "remove it"
-        )
-
-
-def _holds_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(_holds_nul(item) for item in value)
-    return False
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -187,7 +168,6 @@ def _record_upload(
     *,
     source: str,
 ) -> Registered:
-    check_config_storable(facts.config)
     adapter = ensure_adapter(session, name, facts.base_model, tags, description)
     sha, key, _created = store.put_file(facts.weights_path)
     latest = repo.get_version(session, name, None)

@@ -16,7 +16,7 @@ from registry import repositories as repo
 from registry.artifacts import ArtifactStore
 from registry.errors import InvalidInput
 from registry.formats.peft import inspect_peft_folder
-from registry.services.adapters import Registered, add_version, check_config_storable, check_name, ensure_adapter
+from registry.services.adapters import Registered, add_version, check_name, ensure_adapter
 from registry.services.publications import check_repo_id
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -78,7 +78,6 @@ def register_hub_folder(
     if origin.commit is None or not _COMMIT.match(origin.commit):
         raise InvalidInput(f"the Hub did not resolve {origin.uri} to a commit; try again or pin a commit sha")
     facts = inspect_peft_folder(folder, base_model_override=base_model)
-    check_config_storable(facts.config)
     adapter = ensure_adapter(session, name, facts.base_model, tags or [], description)
     sha, key, _created = store.put_file(facts.weights_path)
     latest = repo.get_version(session, name, None)
